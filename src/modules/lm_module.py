@@ -1,0 +1,165 @@
+"""The LightningModule: a causal LM with an adapter, trained on ``CE + Σ aux losses``.
+
+It never names a method. Everything method-specific comes through the :class:`~moelab.adapters.Adapter`
+contract: which parameters train, training stages, auxiliary losses, routing records. What it adds:
+
+* the loss ``CE + Σ_name aux_name`` (each aux loss already weighted by its method), with a stop naming the
+  step when it is not finite;
+* routing statistics from every routed module's last forward, summed per site × expert × task (so they
+  reduce exactly across batches and DDP ranks), logged every ``routing_log_every`` steps as a bounded set
+  of W&B keys (per-site detail behind ``routing_per_layer``); the cumulative training and held-out
+  tensors are kept for results.json and the activation maps;
+* tokens/s, step time, learning rate; adapter-only checkpoints (the frozen base is never written).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from moelab.adapters import Adapter, adapter_state_dict, load_adapter_state_dict, routed_modules
+from moelab.adapters.routing import RoutingStatistics
+from torch import Tensor, nn
+
+
+class AdapterLM(L.LightningModule):
+    def __init__(self, model: nn.Module, adapter: Adapter, optimizer: Callable, scheduler: Callable | None = None,
+                 num_tasks: int = 1, routing_log_every: int = 50, routing_per_layer: bool = False,
+                 routing_tokens: str = "attention") -> None:
+        super().__init__()
+        if routing_tokens not in ("attention", "answer"):
+            raise ValueError(f"module.routing_tokens ({routing_tokens!r}) must be 'attention' or 'answer'")
+        self.model = model
+        self.adapter = adapter
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.routing_log_every, self.routing_per_layer = routing_log_every, routing_per_layer
+        self.routing_tokens = routing_tokens
+        self.routing = {"train": RoutingStatistics(num_tasks), "window": RoutingStatistics(num_tasks),
+                        "heldout": RoutingStatistics(num_tasks)}
+        self.stage: str | None = None
+        self.throughput = {"tokens": 0, "seconds": 0.0, "steps": 0}
+        self._step_started = 0.0
+        self._step_tokens = 0
+        self.strict_loading = False  # checkpoints hold adapter tensors only; on_load_checkpoint checks them
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def _token_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        """Tokens that count for balance losses and routing statistics: all real tokens, or answers only."""
+        if self.routing_tokens == "answer":
+            return batch["labels"] != -100
+        return batch["attention_mask"].bool()
+
+    def forward(self, batch: dict[str, Tensor]):
+        self.adapter.set_context(self.model, batch["task_ids"], self._token_mask(batch))
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"])
+
+    def _record_routing(self, batch: dict[str, Tensor], *stats: RoutingStatistics) -> None:
+        records = [(name, module.routing) for name, module in routed_modules(self.model)]
+        if not records:
+            return
+        mask = self._token_mask(batch).reshape(-1)
+        tasks = batch["task_ids"].repeat_interleave(batch["input_ids"].shape[1])
+        for stat in stats:
+            stat.update(records, mask, tasks)
+
+    # -- training -----------------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._enter_scheduled_stage()
+        self._step_started = time.perf_counter()
+        self._step_tokens = int(batch["attention_mask"].sum())
+
+    def _enter_scheduled_stage(self) -> None:
+        schedule = self.adapter.stage_schedule(self.trainer.max_steps)
+        due = [stage for start, stage in schedule if start <= self.global_step]
+        if due and due[-1] != self.stage:
+            self.stage = due[-1]
+            self.adapter.enter_stage(self.model, self.stage)
+            self.print(f"[moelab] step {self.global_step}: adapter stage {self.stage!r}")
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        output = self(batch)
+        aux = self.adapter.aux_losses(self.model)
+        loss = output.loss + sum(aux.values(), torch.zeros((), device=output.loss.device))
+        if not torch.isfinite(loss):
+            parts = {"cross-entropy": output.loss.item(), **{k: v.item() for k, v in aux.items()}}
+            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at step {self.global_step}: {parts}")
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/ce", output.loss, batch_size=batch_size)
+        for name, value in aux.items():
+            self.log(f"train/aux/{name}", value, batch_size=batch_size)
+        self._record_routing(batch, self.routing["train"], self.routing["window"])
+        if self.routing_log_every and (self.global_step + 1) % self.routing_log_every == 0:
+            self._log_routing_window()
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        seconds = time.perf_counter() - self._step_started
+        self.throughput["tokens"] += self._step_tokens
+        self.throughput["seconds"] += seconds
+        self.throughput["steps"] += 1
+        self.log("train/tokens_per_s", self._step_tokens / max(seconds, 1e-9))
+        self.log("train/step_time_s", seconds)
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if optimizer is not None:
+            self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def _reduced(self, stats: RoutingStatistics) -> RoutingStatistics:
+        """A copy whose sums are added up over all processes (identity on one device)."""
+        copy = RoutingStatistics(stats.num_tasks)
+        copy.merge(stats)
+        if self.trainer.world_size > 1:
+            copy.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        return copy
+
+    def _log_routing_window(self) -> None:
+        window = self.routing["window"]
+        if window.empty:
+            return
+        summary = self._reduced(window).summary(per_layer=self.routing_per_layer)
+        self.log_dict({f"train/{k}": v for k, v in summary.items()}, rank_zero_only=True)
+        window.reset()
+
+    def on_train_end(self) -> None:
+        self.routing["train"] = self._reduced(self.routing["train"])
+
+    # -- held-out -----------------------------------------------------------------------------------------
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        output = self(batch)
+        self.log("val/ce", output.loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        self._record_routing(batch, self.routing["heldout"])
+        return output.loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.routing["heldout"] = RoutingStatistics(self.routing["heldout"].num_tasks)
+
+    def on_validation_epoch_end(self) -> None:
+        self.routing["heldout"] = self._reduced(self.routing["heldout"])
+        summary = self.routing["heldout"].summary()
+        if summary:
+            self.log_dict({f"val/{k}": v for k, v in summary.items()}, rank_zero_only=True)
+
+    # -- optimisation and checkpoints -----------------------------------------------------------------
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.adapter.trainable_parameters(self.model))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in adapter_state_dict(self.model).items()}
+        checkpoint["adapter_stage"] = self.stage
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+        load_adapter_state_dict(self.model, state, source="checkpoint")
+        checkpoint["state_dict"] = {}  # loaded and checked above; nothing left for Lightning's own load
+        self.stage = None  # re-entered from the schedule at the next step

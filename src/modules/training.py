@@ -1,0 +1,285 @@
+"""One job, top to bottom: validate → load → inject → score base → fit → save → score → results.json.
+
+``run(cfg)`` is what ``scripts/train.py`` calls for every Hydra job. It validates the adapter and data
+configs before any model is loaded, always closes the loggers (a crashed job's W&B run is finished with
+a non-zero exit code), and in a multirun writes a failed job's error into its own folder instead of
+stopping the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+import traceback
+from contextlib import ExitStack
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from moelab.adapters import (
+    AdapterConfig,
+    adapter_state_dict,
+    config_from_dict,
+    count_parameters,
+    disable_adapters,
+    inject,
+    merge_and_unload,
+)
+from omegaconf import DictConfig, OmegaConf
+
+from .evaluation import base_score_key, cached_scores, lm_eval_scores, mean_score
+
+RESULTS_FILE = "results.json"
+ERROR_FILE = "error.txt"
+VERSIONED_PACKAGES = ("torch", "transformers", "lightning", "hydra-core", "lm_eval", "peft", "wandb", "moelab")
+
+
+def adapter_config(cfg: DictConfig) -> AdapterConfig:
+    """The validated adapter config from ``cfg.adapter`` (``name`` picks the method)."""
+    values = OmegaConf.to_container(cfg.adapter, resolve=True)
+    return config_from_dict(values.pop("name"), values)
+
+
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _group(cfg: DictConfig) -> str:
+    if cfg.group:
+        return cfg.group
+    return Path(HydraConfig.get().sweep.dir).name if _multirun() else cfg.run_name
+
+
+def configure_environment(cfg: DictConfig, out_dir: Path) -> None:
+    """Process settings that must precede the first import of wandb and the first torch op."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg is not None:
+        # As an environment variable, not only the logger argument: wandb's telemetry reads the process
+        # settings and would otherwise try to reach the network even for an offline run (assets.md §6).
+        os.environ["WANDB_MODE"] = "offline" if wandb_cfg.get("offline", True) else "online"
+        os.environ["WANDB_DIR"] = str(out_dir)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job; in a multirun a failure is recorded in the job folder and the sweep goes on."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return train(cfg, out_dir)
+    except Exception as error:
+        (out_dir / ERROR_FILE).write_text(traceback.format_exc())
+        failure = {"status": "failed", "run_name": cfg.run_name, "method": cfg.adapter.get("name"),
+                   "seed": cfg.seed, "error": f"{type(error).__name__}: {error}",
+                   "config": OmegaConf.to_container(cfg, resolve=False)}
+        (out_dir / RESULTS_FILE).write_text(json.dumps(failure, indent=2, default=str))
+        if not _multirun():
+            raise
+        print(f"[moelab] job {cfg.run_name} failed ({failure['error']}); see {out_dir / ERROR_FILE}", flush=True)
+        return failure
+
+
+def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    import lightning as L
+
+    started = time.perf_counter()
+    configure_environment(cfg, out_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    # 1. Everything that can be wrong with the configs or the data fails here, before a model is loaded.
+    method_config = adapter_config(cfg)
+    datamodule = instantiate(cfg.data)
+    split_report = datamodule.prepare_examples(out_dir / "data")
+    module_factory = instantiate(cfg.module)
+
+    # 2. The base model and the adapter.
+    base = instantiate(cfg.model)
+    datamodule.set_tokenizer(base.tokenizer)
+    adapter = inject(base.model, method_config)
+    parameters = count_parameters(base.model)
+    print(f"[moelab] {adapter.label} on {base.name}: {parameters['trainable']:,} trainable parameters "
+          f"({100 * parameters['trainable'] / parameters['base']:.3f}% of the base model)", flush=True)
+    timings = {"load_s": time.perf_counter() - started}
+
+    with ExitStack() as stack:
+        loggers = _loggers(cfg, stack)
+        module = module_factory(model=base.model, adapter=adapter, num_tasks=len(datamodule.task_names))
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        hyperparameters = {**OmegaConf.to_container(cfg, resolve=True), "parameters": parameters,
+                           "method_label": adapter.label}
+        for logger in loggers:
+            logger.log_hyperparams(hyperparameters)
+
+        # 3. Base-model scores, with the adapter switched off (cached across runs).
+        eval_tasks = datamodule.lm_eval_tasks() if cfg.eval.enabled else []
+        base_scores, base_cached = {}, False
+        if eval_tasks and cfg.eval.base and trainer.is_global_zero:
+            tick = time.perf_counter()
+            key = base_score_key(base.identity, eval_tasks, cfg.eval.limit, cfg.eval.num_fewshot)
+            with disable_adapters(base.model):
+                base_scores, base_cached = cached_scores(Path(cfg.paths.cache_dir) / "base_scores", key,
+                                                         lambda: _score(base.model, base.tokenizer, eval_tasks, cfg))
+            timings["base_eval_s"] = time.perf_counter() - tick
+
+        # 4. Fit, then one pass over the held-out examples (validation loss, held-out routing).
+        tick = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        timings["train_s"] = time.perf_counter() - tick
+        validation = trainer.validate(module, datamodule=datamodule, verbose=False)
+
+        # 5. Save the adapter and the routing statistics before anything is merged away.
+        if trainer.is_global_zero:
+            _save_adapter(out_dir / "adapter", base, adapter, cfg)
+            torch.save({"tasks": datamodule.task_names, "method": adapter.label,
+                        "train": module.routing["train"].state_dict(),
+                        "heldout": module.routing["heldout"].state_dict()}, out_dir / "routing.pt")
+
+        # 6. Score the trained model: merged into the base weights when the method allows it.
+        scores, scored_as = {}, "none"
+        if eval_tasks and trainer.is_global_zero:
+            tick = time.perf_counter()
+            model = base.model
+            scored_as = "unmerged"
+            if adapter.mergeable and cfg.eval.merge:
+                model, scored_as = merge_and_unload(base.model, safe_merge=True), "merged"
+            scores = _score(model, base.tokenizer, eval_tasks, cfg)
+            timings["eval_s"] = time.perf_counter() - tick
+        timings["total_s"] = time.perf_counter() - started
+
+        results = _results(cfg, adapter, base, parameters, split_report, base_scores, base_cached, scores,
+                           scored_as, validation, module, timings)
+        if trainer.is_global_zero:
+            (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
+            for logger in loggers:
+                logger.log_metrics(_flat_scores(results), step=trainer.global_step)
+            _print_summary(results, out_dir)
+    return results
+
+
+def _score(model, tokenizer, tasks: list[dict], cfg: DictConfig) -> dict[str, dict[str, float]]:
+    return lm_eval_scores(model, tokenizer, tasks, limit=cfg.eval.limit, batch_size=cfg.eval.batch_size,
+                          num_fewshot=cfg.eval.num_fewshot, bootstrap_iters=cfg.eval.bootstrap_iters,
+                          max_length=cfg.eval.max_length)
+
+
+def _loggers(cfg: DictConfig, stack: ExitStack) -> list:
+    """Instantiate the configured loggers; the stack finishes the W&B run however the job ends."""
+    loggers = []
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        if logger_cfg is None:
+            continue
+        overrides = {"group": _group(cfg)} if name == "wandb" else {}
+        logger = instantiate(logger_cfg, **overrides)
+        loggers.append(logger)
+        if name == "wandb":
+            stack.push(_finish_wandb)
+    return loggers
+
+
+def _finish_wandb(exc_type, exc, tb) -> None:
+    """Exit callback: close the W&B run, marked failed when the job raised."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=0 if exc_type is None else 1)
+
+
+def _save_adapter(folder: Path, base, adapter, cfg: DictConfig) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(base.model).items()}
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    meta = {"method": adapter.name, "fidelity": adapter.fidelity, "config": adapter.config.to_dict(),
+            "base_model": base.identity, "model": OmegaConf.to_container(cfg.model, resolve=True)}
+    (folder / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _versions() -> dict[str, str | None]:
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _results(cfg, adapter, base, parameters, split_report, base_scores, base_cached, scores, scored_as, validation,
+             module, timings) -> dict[str, Any]:
+    metric = cfg.eval.metric
+    throughput = module.throughput
+    return {
+        "status": "ok",
+        "run_name": cfg.run_name,
+        "method": adapter.name,
+        "fidelity": adapter.fidelity,
+        "label": adapter.label,
+        "mergeable": adapter.mergeable,
+        "seed": cfg.seed,
+        "model": base.name,
+        "model_identity": base.identity,
+        "parameters": {**parameters, "trainable_share": parameters["trainable"] / parameters["base"]},
+        "data": {"tasks": split_report},
+        "metric": metric,
+        "scores": scores,
+        "mean": mean_score(scores, metric),
+        "scored_as": scored_as,
+        "base_scores": base_scores,
+        "base_mean": mean_score(base_scores, metric),
+        "base_scores_cached": base_cached,
+        "validation": validation[0] if validation else {},
+        "routing": {"train": module.routing["train"].summary(per_layer=True),
+                    "heldout": module.routing["heldout"].summary(per_layer=True)},
+        "timings": {**timings, "train_steps": throughput["steps"], "train_tokens": throughput["tokens"],
+                    "tokens_per_s": throughput["tokens"] / max(throughput["seconds"], 1e-9)},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "git_commit": _git_commit(),
+        "versions": _versions(),
+    }
+
+
+def _flat_scores(results: dict[str, Any]) -> dict[str, float]:
+    flat = {}
+    for prefix, scores in (("eval", results["scores"]), ("eval_base", results["base_scores"])):
+        for task, metrics in scores.items():
+            flat.update({f"{prefix}/{task}/{name}": value for name, value in metrics.items()})
+    for key in ("mean", "base_mean"):
+        if results[key] is not None:
+            flat[f"eval/{key}_{results['metric']}"] = results[key]
+    return flat
+
+
+def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
+    metric = results["metric"]
+    lines = [f"[moelab] {results['label']} · {results['parameters']['trainable']:,} trainable parameters · "
+             f"{results['timings']['tokens_per_s']:.0f} train tokens/s"]
+    for task in results["scores"] or results["base_scores"]:
+        base = results["base_scores"].get(task, {}).get(metric)
+        tuned = results["scores"].get(task, {}).get(metric)
+        lines.append(f"    {task:<20} base {metric} {_fmt(base)}   tuned ({results['scored_as']}) {_fmt(tuned)}")
+    lines.append(f"    {'mean':<20} base {metric} {_fmt(results['base_mean'])}   tuned {_fmt(results['mean'])}")
+    lines.append(f"[moelab] results: {out_dir / RESULTS_FILE}")
+    print("\n".join(lines), flush=True)
+
+
+def _fmt(value: float | None) -> str:
+    return "  n/a " if value is None else f"{100 * value:6.2f}"

@@ -1,0 +1,121 @@
+"""LoRA against HF PEFT on identical weights (methods.md §1, assets.md §3.1), and the stacked experts."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from moelab.adapters import AdapterConfigError, adapter_layers, count_parameters, inject
+from moelab.adapters.experts import LoraExperts
+from moelab.adapters.lora import LoraConfig, LoraLinear
+from torch import nn
+
+
+def peft_layer(base: nn.Linear, r: int, alpha: float, use_rslora: bool):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    config = PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.1, use_rslora=use_rslora)
+    return PeftLinear(base, adapter_name="default", config=config, r=r, lora_alpha=alpha, lora_dropout=0.1,
+                      use_rslora=use_rslora)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_output_and_merge_match_peft(dtype, atol, use_rslora):
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40, bias=True).to(dtype)
+    theirs = peft_layer(nn.Linear(24, 40, bias=True).to(dtype), r=4, alpha=8, use_rslora=use_rslora)
+    theirs.base_layer.load_state_dict(base.state_dict())
+    ours = LoraLinear(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_rslora=use_rslora))
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.normal_()
+        theirs.lora_B["default"].weight.normal_()
+        ours.lora.lora_A.copy_(theirs.lora_A["default"].weight[None])
+        ours.lora.lora_B.copy_(theirs.lora_B["default"].weight[None])
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(3, 7, 24, dtype=dtype)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=atol)
+    assert ours.lora.scaling.item() == pytest.approx(theirs.scaling["default"])
+    torch.testing.assert_close(ours.get_delta_weight(), theirs.get_delta_weight("default"), rtol=0, atol=atol)
+
+
+def test_peft_init_conventions():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(256, 32), LoraConfig(r=8, lora_alpha=16))
+    assert torch.count_nonzero(layer.lora.lora_B) == 0, "B starts at zero"
+    bound = 1 / math.sqrt(256)  # kaiming_uniform_(a=√5) on fan_in = d_in
+    assert layer.lora.lora_A.abs().max() <= bound and layer.lora.lora_A.abs().max() > 0.9 * bound
+    assert layer.lora.scaling.item() == 2.0
+    rs = LoraLinear(nn.Linear(256, 32), LoraConfig(r=16, lora_alpha=16, use_rslora=True))
+    assert rs.lora.scaling.item() == pytest.approx(16 / 4)
+
+
+def test_dropout_acts_on_the_lora_input_only():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(8, 8), LoraConfig(r=2, lora_alpha=2, lora_dropout=0.5, init_lora_weights="random"))
+    layer.train()
+    x = torch.randn(64, 8)
+    base_out = layer.base_layer(x)
+    # with B A = 0 the dropout would be invisible; the random init makes it visible
+    assert not torch.allclose(layer(x), layer(x))
+    with torch.no_grad():
+        layer.lora.lora_B.zero_()
+    torch.testing.assert_close(layer(x), base_out)
+
+
+def test_targets_and_all_linear():
+    model, _ = tiny_model()
+    inject(model, LoraConfig(target_modules="all-linear"))
+    names = [name.rsplit(".", 1)[-1] for name, _ in adapter_layers(model)]
+    assert sorted(set(names)) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert "lm_head" not in names and len(names) == 14
+    params = count_parameters(model)
+    expected = sum(layer.lora.lora_A.numel() + layer.lora.lora_B.numel() for _, layer in adapter_layers(model))
+    assert params["trainable"] == params["adapter"] == expected
+
+
+def test_unknown_target_names_the_module():
+    model, _ = tiny_model()
+    with pytest.raises(AdapterConfigError, match=r"\['qproj'\] match no nn.Linear"):
+        inject(model, LoraConfig(target_modules=["qproj"]))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("r", 0, "r \\(0\\) must be a positive integer"),
+    ("lora_dropout", 1.5, "lora_dropout"),
+    ("init_lora_weights", "xavier", "init_lora_weights"),
+    ("target_modules", "all", "target_modules"),
+])
+def test_bad_values_name_the_field(field, value, message):
+    with pytest.raises(AdapterConfigError, match=message):
+        LoraConfig(**{field: value})
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_stacked_experts_fast_path_equals_reference(tokens):
+    torch.manual_seed(0)
+    experts = LoraExperts(4, 12, 10, rank=3, alpha=6, init="random")
+    weights = torch.softmax(torch.randn(tokens, 4), -1)
+    weights[:, 2] = 0.0  # an expert that receives no token
+    x = torch.randn(tokens, 12, requires_grad=True)
+    fast = experts(x, weights)
+    grads_fast = torch.autograd.grad(fast.square().sum(), [x, experts.lora_A, experts.lora_B])
+    reference = experts.reference(x, weights)
+    grads_reference = torch.autograd.grad(reference.square().sum(), [x, experts.lora_A, experts.lora_B])
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_fast, grads_reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(grads_fast[1][2]) == 0, "an unused expert gets no gradient"
+
+
+def test_loaded_expert_of_smaller_rank_is_zero_padded():
+    torch.manual_seed(0)
+    experts = LoraExperts(2, 6, 5, rank=4, alpha=4)
+    a, b = torch.randn(2, 6), torch.randn(5, 2)
+    experts.load_expert(1, a, b, scaling=3.0)
+    x = torch.randn(7, 6)
+    torch.testing.assert_close(experts.expert_delta(x, 1), 3.0 * x @ a.T @ b.T)
+    with pytest.raises(ValueError, match="does not fit"):
+        experts.load_expert(0, torch.randn(5, 6), torch.randn(5, 5), 1.0)
