@@ -5,8 +5,9 @@
 """
 
 import hydra
-from moelab.modules.training import run
 from omegaconf import DictConfig
+
+from moelab.modules.training import run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from conftest import CONF, compose_config, tiny_model, token_batch
+
 from moelab.adapters import (
     MergeError,
     adapter_layers,

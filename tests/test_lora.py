@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 from conftest import tiny_model
+from torch import nn
+
 from moelab.adapters import AdapterConfigError, adapter_layers, count_parameters, inject
 from moelab.adapters.experts import LoraExperts
 from moelab.adapters.lora import LoraConfig, LoraLinear
-from torch import nn
 
 
 def peft_layer(base: nn.Linear, r: int, alpha: float, use_rslora: bool):

@@ -86,11 +86,14 @@ class BatchContext:
     """What the trainer knows about the current batch and adapters may use.
 
     ``task_ids`` ([batch]) drives hard routing by task; ``token_mask`` ([batch, seq], bool) says which
-    tokens count for balance losses and routing statistics. Both are None outside training (lm-eval).
+    tokens count for balance losses and routing statistics; ``prompt_mask`` ([batch, seq], bool) marks
+    the real prompt tokens (not answer, not padding) for sequence-level gates. All are None outside
+    training (lm-eval), where adapters must work without them.
     """
 
     task_ids: Tensor | None = None
     token_mask: Tensor | None = None
+    prompt_mask: Tensor | None = None
 
     def flat_token_mask(self, num_tokens: int) -> Tensor | None:
         """The token mask flattened to [T], or None when it does not describe these T tokens."""
@@ -160,6 +163,8 @@ class Adapter:
     fidelity: ClassVar[str]
     # Why a non-mergeable method refuses to merge, completed into the error message.
     merge_refusal: ClassVar[str] = "its expert weights depend on the input"
+    # The config field that sizes the method, scaled when a parameter budget is matched (budget=...).
+    budget_field: ClassVar[str] = "r"
 
     def __init__(self, config: AdapterConfig) -> None:
         require(isinstance(config, self.config_class),
@@ -185,6 +190,13 @@ class Adapter:
         for name in self.target_names(model):
             model.set_submodule(name, self.make_layer(name, model.get_submodule(name)))
 
+    def make_router(self, d_in: int, num_experts: int, top_k: int, init_std: float) -> nn.Module:
+        """The router of one routing site. Routed methods build every router through this, so that a
+        router method (MoR) can plug into any host by replacing it."""
+        from .routing import TopKRouter
+
+        return TopKRouter(d_in, num_experts, top_k, init_std)
+
     # -- training -------------------------------------------------------------------------------------
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
@@ -206,10 +218,12 @@ class Adapter:
                 per_name.setdefault(key, []).append(value)
         return {key: torch.stack(values).mean() for key, values in per_name.items()}
 
-    def set_context(self, model: nn.Module, task_ids: Tensor | None, token_mask: Tensor | None) -> None:
+    def set_context(self, model: nn.Module, task_ids: Tensor | None, token_mask: Tensor | None,
+                    prompt_mask: Tensor | None = None) -> None:
         """Tell every adapter module about the next batch (hard routing, masked losses and statistics)."""
         self.context.task_ids = task_ids
         self.context.token_mask = token_mask
+        self.context.prompt_mask = prompt_mask
 
 
 _REGISTRY: dict[str, type[Adapter]] = {}

@@ -43,6 +43,17 @@ def prompt_and_answer(example: dict) -> tuple[str, str]:
     return example["query"], " " + example["choices"][example["gold"]]
 
 
+def lm_eval_task_configs(heldout_files: dict[str, Path]) -> list[dict[str, Any]]:
+    """One lm-eval task config per held-out file (``moelab_<task>``), from the template of its example kind."""
+    configs = []
+    for name, path in heldout_files.items():
+        first = json.loads(Path(path).read_text(encoding="utf-8").splitlines()[0])
+        template = yaml.safe_load((TEMPLATES / f"{example_kind(first)}.yaml").read_text(encoding="utf-8"))
+        configs.append({**template, "task": f"moelab_{name}",
+                        "dataset_kwargs": {"data_files": {"test": str(Path(path).resolve())}}})
+    return configs
+
+
 class TaskMixtureDataModule(L.LightningDataModule):
     """Train on a mixture of tasks, validate and score (lm-eval) on their held-out parts."""
 
@@ -118,14 +129,7 @@ class TaskMixtureDataModule(L.LightningDataModule):
 
     def lm_eval_tasks(self) -> list[dict[str, Any]]:
         """lm-eval task configs (dicts) that score the held-out files written by :meth:`prepare_examples`."""
-        configs = []
-        for spec in self.specs:
-            path = self.heldout_files[spec.name]
-            first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
-            template = yaml.safe_load((TEMPLATES / f"{example_kind(first)}.yaml").read_text(encoding="utf-8"))
-            configs.append({**template, "task": f"moelab_{spec.name}",
-                            "dataset_kwargs": {"data_files": {"test": str(path.resolve())}}})
-        return configs
+        return lm_eval_task_configs(self.heldout_files)
 
     # -- tokens ------------------------------------------------------------------------------------------
 

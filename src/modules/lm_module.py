@@ -19,9 +19,10 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from torch import Tensor, nn
+
 from moelab.adapters import Adapter, adapter_state_dict, load_adapter_state_dict, routed_modules
 from moelab.adapters.routing import RoutingStatistics
-from torch import Tensor, nn
 
 
 class AdapterLM(L.LightningModule):
@@ -53,7 +54,8 @@ class AdapterLM(L.LightningModule):
         return batch["attention_mask"].bool()
 
     def forward(self, batch: dict[str, Tensor]):
-        self.adapter.set_context(self.model, batch["task_ids"], self._token_mask(batch))
+        prompt_mask = batch["attention_mask"].bool() & (batch["labels"] == -100)
+        self.adapter.set_context(self.model, batch["task_ids"], self._token_mask(batch), prompt_mask)
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           labels=batch["labels"])
 

@@ -23,6 +23,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
 from moelab.adapters import (
     AdapterConfig,
     adapter_state_dict,
@@ -32,7 +34,6 @@ from moelab.adapters import (
     inject,
     merge_and_unload,
 )
-from omegaconf import DictConfig, OmegaConf
 
 from .evaluation import base_score_key, cached_scores, lm_eval_scores, mean_score
 
