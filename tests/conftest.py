@@ -38,10 +38,11 @@ def token_batch(batch: int = 2, seq: int = 12, vocab: int = 260, seed: int = 0) 
 
 
 def compose_config(*overrides: str, config_name: str = "train"):
-    """The real configs composed as `scripts/train.py` composes them (hydra values included)."""
+    """The real configs composed as `scripts/train.py` composes them. Without a Hydra run there is no
+    `hydra:runtime.output_dir`: tests that run a job override `paths.output_dir`."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 @pytest.fixture

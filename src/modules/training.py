@@ -163,6 +163,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
             for logger in loggers:
                 logger.log_metrics(_flat_scores(results), step=trainer.global_step)
+                logger.save()  # the trainer has finalised its loggers already; flush these rows too
             _print_summary(results, out_dir)
     return results
 

@@ -1,0 +1,163 @@
+"""End to end: the training entry point, results.json, W&B offline files, checkpoints, the base-score cache,
+aux losses in the objective, the NaN stop, and one real-model smoke run (SmolLM2-135M)."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import ROOT, compose_config
+from safetensors.torch import load_file
+
+from moelab.adapters import merge_and_unload, register
+from moelab.adapters.base import _REGISTRY
+from moelab.adapters.lora import Lora, LoraConfig, LoraLinear
+from moelab.modules.evaluation import lm_eval_scores
+from moelab.modules.runs import heldout_tasks, load_trained
+from moelab.modules.training import run
+
+TINY_RUN = ("model=tiny_random", "data=tiny", "adapter=lora", "trainer.max_steps=5")
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """The README's tiny-model command, run as users run it (a subprocess, W&B offline)."""
+    out = tmp_path_factory.mktemp("cli")
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    command = [sys.executable, str(ROOT / "scripts" / "train.py"), *TINY_RUN, f"hydra.run.dir={out}",
+               f"paths.cache_dir={out / 'cache'}"]
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return out, completed.stdout
+
+
+def test_cli_run_writes_results_with_lm_eval_scores(cli_run):
+    out, stdout = cli_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "ok" and results["label"] == "lora [official-code-parity]"
+    assert set(results["scores"]) == {"tiny_arithmetic", "tiny_capitals", "tiny_parity"}
+    assert all(0.0 <= s["acc"] <= 1.0 for s in results["scores"].values())
+    assert set(results["base_scores"]) == set(results["scores"]) and results["scored_as"] == "merged"
+    assert results["parameters"]["trainable"] == 2 * 2 * 8 * (64 + 64)  # q,v × 2 layers × r(64+64)
+    assert results["timings"]["train_steps"] == 5 and results["timings"]["tokens_per_s"] > 0
+    assert results["data"]["tasks"]["tiny_parity"]["heldout"] == 20
+    assert results["versions"]["torch"].startswith("2.13")
+    assert "tuned (merged)" in stdout
+
+
+def test_cli_run_writes_wandb_offline_csv_and_adapter_only_files(cli_run):
+    out, _ = cli_run
+    assert list(out.glob("wandb/offline-run-*/run-*.wandb")), "W&B offline run file"
+    metrics = (out / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in metrics and "eval/mean_acc" in metrics
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(".lora." in key for key in adapter)
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert set(checkpoint["state_dict"]) == {f"model.{k}" for k in adapter}, "checkpoints hold the adapter only"
+    assert (out / "train.log").exists() and (out / ".hydra" / "config.yaml").exists()
+
+
+def test_a_saved_run_reloads_and_scores_the_same(cli_run):
+    out, _ = cli_run
+    results = json.loads((out / "results.json").read_text())
+    base, adapter = load_trained(out)
+    scores = lm_eval_scores(merge_and_unload(base.model), base.tokenizer, heldout_tasks(out))
+    assert scores == results["scores"]
+
+
+def test_base_scores_are_cached_per_base_model(tmp_path):
+    first = run(compose_config(*TINY_RUN, "logger=csv", "callbacks=none", f"paths.output_dir={tmp_path / 'a'}",
+                               f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=1"))
+    second = run(compose_config(*TINY_RUN, "logger=csv", "callbacks=none", "adapter.r=4", "trainer.max_steps=1",
+                                f"paths.output_dir={tmp_path / 'b'}", f"paths.cache_dir={tmp_path / 'cache'}"))
+    other_model = run(compose_config(*TINY_RUN, "logger=csv", "callbacks=none", "model.seed=1",
+                                     "trainer.max_steps=1", f"paths.output_dir={tmp_path / 'c'}",
+                                     f"paths.cache_dir={tmp_path / 'cache'}"))
+    assert not first["base_scores_cached"] and second["base_scores_cached"]
+    assert second["base_scores"] == first["base_scores"]
+    assert not other_model["base_scores_cached"], "another base model never reuses these scores"
+    assert len(list((tmp_path / "cache" / "base_scores").glob("*.json"))) == 2
+
+
+# -- the aux-loss path and the NaN stop, with a test-only method --------------------------------------
+
+
+@dataclass(kw_only=True)
+class AuxProbeConfig(LoraConfig):
+    coefficient: float = 0.5
+    nan_at_call: int = -1
+
+
+class AuxProbeLinear(LoraLinear):
+    calls = 0
+
+    def aux_losses(self):
+        AuxProbeLinear.calls += 1
+        value = self.config.coefficient * self.lora.lora_A.square().sum()
+        if AuxProbeLinear.calls == self.config.nan_at_call:
+            value = value * float("nan")
+        return {"probe": value}
+
+
+class AuxProbe(Lora):
+    name = "aux_probe"
+    config_class = AuxProbeConfig
+
+    def make_layer(self, name, module):
+        layer = AuxProbeLinear(module, self.config)
+        layer.config = self.config
+        return layer
+
+
+@pytest.fixture
+def aux_probe():
+    register(AuxProbe)
+    AuxProbeLinear.calls = 0
+    yield
+    _REGISTRY.pop("aux_probe")
+
+
+def probe_config(tmp_path, *overrides):
+    return compose_config("model=tiny_random", "data=tiny", "adapter=lora", "adapter.name=aux_probe",
+                          "+adapter.coefficient=0.5", "logger=csv", "callbacks=none", "eval.enabled=false",
+                          f"paths.output_dir={tmp_path}", *overrides)
+
+
+def test_aux_losses_enter_the_training_loss(aux_probe, tmp_path):
+    run(probe_config(tmp_path, "trainer.max_steps=3"))
+    rows = [line.split(",") for line in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()]
+    header, values = rows[0], [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
+    assert "train/aux/probe" in header
+    logged = [row for row in values if row["train/loss"]]
+    assert len(logged) == 3
+    for row in logged:
+        # two LoRA layers per decoder layer × 2 layers: the probe is averaged over its 4 layers
+        assert float(row["train/loss"]) == pytest.approx(float(row["train/ce"]) + float(row["train/aux/probe"]),
+                                                         rel=1e-5)
+        assert float(row["train/aux/probe"]) > 0
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(aux_probe, tmp_path):
+    # 4 probe layers: call 9 is the first layer of the third training step (step index 2)
+    with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 2"):
+        run(probe_config(tmp_path, "trainer.max_steps=5", "+adapter.nan_at_call=9"))
+    assert "FloatingPointError" in (tmp_path / "error.txt").read_text()
+
+
+# -- the real offline default model --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_smoke_run(tmp_path):
+    cfg = compose_config("model=smollm2_135m", "data=commonsense", "data.tasks=[arc_easy,piqa]",
+                         "data.max_train_examples=16", "data.max_heldout_examples=10", "data.batch_size=4",
+                         "trainer.max_steps=3", "eval.limit=10", "logger=csv", "callbacks=none",
+                         f"paths.output_dir={tmp_path}")
+    results = run(cfg)
+    assert results["model"] == "smollm2_135m" and results["status"] == "ok"
+    assert results["parameters"]["base"] == 134_515_008
+    assert set(results["scores"]) == {"arc_easy", "piqa"} and results["base_mean"] is not None
+    assert results["timings"]["train_steps"] == 3
