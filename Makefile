@@ -14,12 +14,23 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,sweep]"
 	$(OFFLINE) $(PY) scripts/fetch_assets.py
 	touch $@
 
+# The demo: the six methods on SmolLM2-135M with the offline commonsense data (protocol in
+# conf/experiment/offline_commonsense.yaml), then the comparison table and the expert activation maps.
+DEMO_DIR := logs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+
 demo: setup
-	$(OFFLINE) $(PY) scripts/train.py experiment=offline_commonsense
+	$(OFFLINE) $(PY) scripts/train.py experiment=offline_commonsense hydra.sweep.dir=$(DEMO_DIR)
+	$(OFFLINE) $(PY) scripts/compare.py $(DEMO_DIR)
+	$(OFFLINE) $(PY) scripts/plot_expert_maps.py $(DEMO_DIR)/*/
+	@echo "[moelab] demo finished: $(DEMO_DIR)"
+	@echo "    table            $(DEMO_DIR)/comparison.md (and .csv)"
+	@echo "    expert maps      $(DEMO_DIR)/expert_maps.png, and <run>/plots/ per run"
+	@echo "    runs             $(DEMO_DIR)/<job>_<method>-seed<seed>/results.json"
+	@echo "    W&B (offline)    $(DEMO_DIR)/<job>/wandb/  (upload: wandb sync <folder>)"
 
 test: setup
 	$(OFFLINE) $(PY) -m pytest -q

@@ -143,6 +143,11 @@ class AdapterLayer(AdapterModule):
         """The update ``ΔW`` such that the layer equals ``base_layer`` with weight ``W0 + ΔW``."""
         raise MergeError(f"{type(self).__name__} has no input-independent weight update to merge")
 
+    def low_rank_factors(self) -> tuple[Tensor, Tensor]:
+        """``(A [R, d_in], B [d_out, R])`` with ``B @ A == get_delta_weight()``: the update as one plain LoRA
+        of rank R and scale 1, which is what a PEFT-format export writes."""
+        raise MergeError(f"{type(self).__name__} has no input-independent weight update to export")
+
 
 # ---------------------------------------------------------------------------------------------- registry
 

@@ -19,14 +19,24 @@ copies of the input); in eval mode, where parity is tested, there is no differen
 
 Experts of different ranks (loaded LoRAs keep their own r and α) are stacked by zero-padding A and B to
 the largest rank: the padded rows and columns contribute exactly nothing.
+
+The last section reads trained LoRAs (moelab runs and HF PEFT folders) into such stacks, frozen, for the
+methods that compose existing LoRAs (MoLE, LoRA-Mixer).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .base import AdapterConfigError, require
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -78,11 +88,12 @@ class LoraExperts(nn.Module):
         a = self.lora_A.reshape(self.num_experts * self.rank, self.d_in)
         return (self.dropout(x).to(a.dtype) @ a.T).unflatten(-1, (self.num_experts, self.rank))
 
-    def up(self, h: Tensor) -> Tensor:
-        """``Σ_e s_e B_e h_e``: [..., E, r] → [..., d_out]. Zeroed experts in ``h`` contribute nothing."""
+    def up(self, h: Tensor, lora_B: Tensor | None = None) -> Tensor:
+        """``Σ_e s_e B_e h_e``: [..., E, r] → [..., d_out]. Zeroed experts in ``h`` contribute nothing.
+        ``lora_B`` ([E, d_out, r]) stands in for the stored B when a method re-parametrises it (FURINA)."""
         h = h * self.scaling.to(h.dtype)[:, None]
-        b = self.lora_B.permute(0, 2, 1).reshape(self.num_experts * self.rank, self.d_out)
-        return h.flatten(-2) @ b
+        b = (self.lora_B if lora_B is None else lora_B).permute(0, 2, 1)
+        return h.flatten(-2) @ b.reshape(self.num_experts * self.rank, self.d_out)
 
     def forward(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
         """``Σ_e w_e s_e B_e A_e x`` for ``x: [..., d_in]`` and weights ``[..., E]`` (all ones if None)."""
@@ -99,6 +110,14 @@ class LoraExperts(nn.Module):
         if weights is not None:
             scale = scale * weights.to(scale.dtype)
         return torch.einsum("e,eor,eri->oi", scale, self.lora_B, self.lora_A)
+
+    def low_rank_factors(self, lora_B: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The whole stack as one LoRA of rank E·r and scale 1: ``A_cat = [A_1; …; A_E]`` [E·r, d_in] and
+        ``B_cat = [s_1 B_1 … s_E B_E]`` [d_out, E·r], so that ``B_cat @ A_cat = Σ_e s_e B_e A_e``
+        (methods.md §6.4). ``lora_B`` as in :meth:`up`."""
+        b = (self.lora_B if lora_B is None else lora_B) * self.scaling.to(self.lora_B.dtype)[:, None, None]
+        return (self.lora_A.reshape(self.num_experts * self.rank, self.d_in),
+                b.permute(1, 0, 2).reshape(self.d_out, self.num_experts * self.rank))
 
     def expert_delta(self, x: Tensor, expert: int) -> Tensor:
         """One expert's ``s_e B_e A_e dropout(x)``, computed on its own."""
@@ -131,3 +150,144 @@ class LoraExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}"
+
+
+# ================================================================================================================
+# Trained LoRAs as experts (MoLE methods.md §2.1, LoRA-Mixer §5.1: composing LoRAs that already exist)
+# ================================================================================================================
+#
+# Two folder formats, told apart by their ``adapter_config.json``:
+#
+# * moelab: a run of method ``lora`` (its run folder, or the run's ``adapter/`` folder) as written by
+#   ``moelab.modules.training``; tensors ``<module>.lora.lora_A [1, r, d_in]``, ``.lora_B [1, d_out, r]`` and
+#   ``.scaling [1]``, the exact scale the run used;
+# * HF PEFT (``peft_type: LORA``): tensors ``base_model.model.<module>.lora_A.weight [r, d_in]`` and
+#   ``.lora_B.weight [d_out, r]``; the scale is recomputed as PEFT does, ``α/r`` or ``α/√r`` (rsLoRA), with
+#   per-module ``alpha_pattern`` / ``rank_pattern`` entries matched as PEFT matches them.
+#
+# ``<module>`` is the module's path in the transformers model (``model.layers.0.self_attn.q_proj``) in both.
+# Every LoRA keeps its own rank and scale; :func:`stack_trained_loras` zero-pads ranks into one stack. PEFT
+# options that change the forward pass (DoRA, LoRA bias, ``fan_in_fan_out``, extra trained modules) are
+# refused by name rather than loaded wrongly.
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+LORA_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_PEFT_PREFIX = "base_model.model."
+_PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "use_qalora", "use_bdlora", "alora_invocation_tokens",
+                     "layer_replication", "modules_to_save", "trainable_token_indices", "target_parameters")
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One LoRA's update of one linear map: ``ΔW = scaling · lora_B @ lora_A``."""
+
+    lora_A: Tensor  # [r, d_in]
+    lora_B: Tensor  # [d_out, r]
+    scaling: float
+
+
+@dataclass(frozen=True)
+class TrainedLora:
+    """A LoRA read from disk: its weights per module path of the base model."""
+
+    path: Path
+    format: str  # "moelab" or "peft"
+    modules: dict[str, LoraWeights]
+
+
+def lora_folder(path: str | Path) -> tuple[Path, str, dict]:
+    """``(folder, format, adapter_config)`` of a trained LoRA; fails naming the path when it is not one.
+
+    Cheap (reads the JSON only), so configs call it to fail before any model is loaded."""
+    path = Path(path)
+    folder = next((f for f in (path, path / "adapter") if (f / ADAPTER_CONFIG_FILE).is_file()), None)
+    require(folder is not None, f"expert LoRA {path}: no {ADAPTER_CONFIG_FILE} there or in {path / 'adapter'}")
+    require(any((folder / name).is_file() for name in LORA_WEIGHT_FILES),
+            f"expert LoRA {folder}: none of {list(LORA_WEIGHT_FILES)} there")
+    meta = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
+    if "peft_type" in meta:
+        require(meta["peft_type"] == "LORA", f"expert LoRA {folder}: peft_type {meta['peft_type']!r} is not LORA")
+        used = [option for option in _PEFT_UNSUPPORTED if meta.get(option)]
+        require(not used, f"expert LoRA {folder}: PEFT option(s) {used} are not supported for experts")
+        return folder, "peft", meta
+    require("method" in meta, f"expert LoRA {folder}: {ADAPTER_CONFIG_FILE} is neither moelab's nor PEFT's")
+    require(meta["method"] == "lora",
+            f"expert LoRA {folder}: a moelab run of method {meta['method']!r}; only 'lora' runs can be experts")
+    return folder, "moelab", meta
+
+
+def read_trained_lora(path: str | Path) -> TrainedLora:
+    """Read a moelab or PEFT LoRA folder (see the section comment) into per-module weights."""
+    folder, kind, meta = lora_folder(path)
+    tensors = _read_weights(folder)
+    modules = _moelab_modules(tensors, folder) if kind == "moelab" else _peft_modules(tensors, meta, folder)
+    require(bool(modules), f"expert LoRA {folder}: no LoRA tensors in its weights file")
+    return TrainedLora(folder, kind, modules)
+
+
+def _read_weights(folder: Path) -> dict[str, Tensor]:
+    if (folder / LORA_WEIGHT_FILES[0]).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / LORA_WEIGHT_FILES[0]))
+    return torch.load(folder / LORA_WEIGHT_FILES[1], map_location="cpu", weights_only=True)
+
+
+def _moelab_modules(tensors: dict[str, Tensor], folder: Path) -> dict[str, LoraWeights]:
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, sep, name = key.rpartition(".lora.")
+        require(bool(sep) and name in ("lora_A", "lora_B", "scaling"),
+                f"expert LoRA {folder}: unexpected tensor {key!r} in a moelab LoRA")
+        parts.setdefault(module, {})[name] = tensor
+    modules = {}
+    for module, part in parts.items():
+        require(len(part) == 3, f"expert LoRA {folder}: {module} lacks one of lora_A, lora_B, scaling")
+        modules[module] = LoraWeights(part["lora_A"][0], part["lora_B"][0], float(part["scaling"][0]))
+    return modules
+
+
+def _peft_pattern(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` rule: the first key that matches the end of the module path."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _peft_modules(tensors: dict[str, Tensor], meta: dict, folder: Path) -> dict[str, LoraWeights]:
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = re.fullmatch(rf"{re.escape(_PEFT_PREFIX)}(.+)\.(lora_A|lora_B)\.weight", key)
+        require(match is not None, f"expert LoRA {folder}: unexpected tensor {key!r} in a PEFT LoRA")
+        parts.setdefault(match.group(1), {})[match.group(2)] = tensor
+    modules = {}
+    for module, part in parts.items():
+        require(len(part) == 2, f"expert LoRA {folder}: {module} lacks lora_A or lora_B")
+        rank = part["lora_A"].shape[0]
+        declared = _peft_pattern(meta.get("rank_pattern"), module, meta["r"])
+        require(rank == declared, f"expert LoRA {folder}: {module} has rank {rank}, its config says {declared}")
+        alpha = _peft_pattern(meta.get("alpha_pattern"), module, meta["lora_alpha"])
+        modules[module] = LoraWeights(part["lora_A"], part["lora_B"],
+                                      lora_scaling(alpha, rank, bool(meta.get("use_rslora"))))
+    return modules
+
+
+def stack_trained_loras(loras: list[TrainedLora], module: str, linear: nn.Linear, dropout: float = 0.0) -> LoraExperts:
+    """The frozen expert stack of ``module``: slot i holds LoRA i's update there, zero if it has none.
+
+    Ranks are zero-padded to the largest; each slot keeps its LoRA's own scale. A LoRA whose shapes do not
+    fit ``linear`` fails naming its folder."""
+    present = {i: lora.modules[module] for i, lora in enumerate(loras) if module in lora.modules}
+    rank = max(weights.lora_A.shape[0] for weights in present.values())
+    stack = LoraExperts(len(loras), linear.in_features, linear.out_features, rank, alpha=rank, dropout=dropout,
+                        dtype=adapter_dtype(linear.weight.dtype), device=linear.weight.device)
+    with torch.no_grad():
+        stack.lora_A.zero_()
+        stack.scaling.zero_()  # absent experts: no update at all
+    for i, weights in present.items():
+        try:
+            stack.load_expert(i, weights.lora_A, weights.lora_B, weights.scaling)
+        except ValueError as error:
+            raise AdapterConfigError(f"expert LoRA {loras[i].path}: {module}: {error}") from error
+    return stack.requires_grad_(False)

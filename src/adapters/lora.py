@@ -68,6 +68,9 @@ class LoraLinear(AdapterLayer):
     def get_delta_weight(self) -> Tensor:
         return self.lora.delta_weight()
 
+    def low_rank_factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora.low_rank_factors()
+
 
 @register
 class Lora(Adapter):

@@ -74,7 +74,10 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=init_std)
 
     def logits(self, x: Tensor) -> Tensor:
-        return x.to(torch.float32) @ self.weight.T
+        # At least fp32 whatever the model was cast to: a bf16-cast router still routes in fp32, and an
+        # fp64 one (parity tests) stays fp64.
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        return x.to(dtype) @ self.weight.to(dtype).T
 
     def probabilities(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(probs, logits)`` — the routing distribution; sub-classes (MoR) change only this."""

@@ -6,9 +6,10 @@ step of each variant per round), which spreads machine noise evenly over the var
 variant: median seconds per step, tokens/s, the ratio to the reference variant and, on CUDA, peak memory.
 Absolute times mean something only on a GPU; on a CPU read the ratios.
 
-* ``train``: forward + backward + AdamW step. The ``base`` row backpropagates through the frozen model to
-  its input embeddings — the floor that every adapter pays — and the reference for ratios is LoRA r16 on
-  all seven projections (the MixLoRA paper's LoRA baseline targets).
+* ``train``: forward + backward + AdamW step; methods trained in stages get one row per stage. The
+  ``base`` row backpropagates through the frozen model to its input embeddings — the floor that every
+  adapter pays — and the reference for ratios is LoRA r16 on all seven projections (the MixLoRA paper's
+  LoRA baseline targets).
 * ``latency``: batch 1; ``prefill`` = one forward over the prompt, ``decode`` = time per generated token
   of greedy decoding with the KV cache (the prefill that fills the cache is not timed). Variants: the base
   model, merged LoRA, merged and unmerged FURINA, MixLoRA; the reference is the base model.
@@ -66,8 +67,11 @@ def build_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int 
 
 
 def default_adapter_values(conf_dir: Path, method: str) -> dict:
-    """The method's defaults from conf/adapter/<method>.yaml, as training uses them."""
-    values = OmegaConf.to_container(OmegaConf.load(conf_dir / "adapter" / f"{method}.yaml"), resolve=True)
+    """The method's defaults from conf/adapter/<method>.yaml, as training uses them, with interpolations such
+    as ``${data.tasks}`` (one expert per data task) resolved against the tiny data config."""
+    root = OmegaConf.create({"data": OmegaConf.load(conf_dir / "data" / "tiny.yaml"),
+                             "adapter": OmegaConf.load(conf_dir / "adapter" / f"{method}.yaml")})
+    values = OmegaConf.to_container(root.adapter, resolve=True)
     values.pop("name")
     return values
 
@@ -124,6 +128,21 @@ def _train_step(model: nn.Module, adapter, batch: dict) -> Callable[[], None]:
     return step
 
 
+def _staged_variants(base: nn.Module, name: str, config, batch: dict, device: torch.device) -> list[Variant]:
+    """One variant per training stage of the method (``name:stage``), or one when it has no stages."""
+    stages = [stage for _, stage in inject(copy.deepcopy(base), config).stage_schedule(max_steps=100)] or [None]
+    variants = []
+    for stage in stages:
+        model = copy.deepcopy(base)
+        adapter = inject(model, config)
+        if stage is not None:
+            adapter.enter_stage(model, stage)
+        model.to(device)
+        label = name if stage is None else f"{name}:{stage}"
+        variants.append(Variant(label, model, _train_step(model, adapter, batch), count_parameters(model)))
+    return variants
+
+
 def train_step_benchmark(conf_dir: Path, shape: str, methods: list[str], batch_size: int, seq_len: int, rounds: int,
                          warmup: int, device: torch.device, dtype: torch.dtype) -> dict:
     base = build_model(shape, dtype, device)
@@ -136,10 +155,7 @@ def train_step_benchmark(conf_dir: Path, shape: str, methods: list[str], batch_s
     variants = [Variant("base", base, _train_step(base, None, batch))]
     for name, values in [("lora_r16_all", ("lora", LORA_R16_ALL))] + [
             (m, (m, default_adapter_values(conf_dir, m))) for m in methods]:
-        model = copy.deepcopy(base)
-        adapter = inject(model, config_from_dict(*values))
-        model.to(device)
-        variants.append(Variant(name, model, _train_step(model, adapter, batch), count_parameters(model)))
+        variants += _staged_variants(base, name, config_from_dict(*values), batch, device)
     _timed_rounds(variants, rounds, warmup, device)
     return {"kind": "train_step", "shape": shape, "batch_size": batch_size, "seq_len": seq_len,
             "rows": _report(variants, "lora_r16_all", batch_size * seq_len)}

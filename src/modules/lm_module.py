@@ -129,6 +129,12 @@ class AdapterLM(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.routing["train"] = self._reduced(self.routing["train"])
+        self._forget_batch()
+
+    def _forget_batch(self) -> None:
+        """After fit and validate the model is scored by lm-eval, where adapters must see no batch context
+        (BatchContext's contract), not the last batch's task ids and masks."""
+        self.adapter.set_context(self.model, None, None, None)
 
     # -- held-out -----------------------------------------------------------------------------------------
 
@@ -146,6 +152,9 @@ class AdapterLM(L.LightningModule):
         summary = self.routing["heldout"].summary()
         if summary:
             self.log_dict({f"val/{k}": v for k, v in summary.items()}, rank_zero_only=True)
+
+    def on_validation_end(self) -> None:
+        self._forget_batch()
 
     # -- optimisation and checkpoints -----------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from moelab.adapters import (
     merge_and_unload,
 )
 
+from .budget import plan_budget
 from .evaluation import base_score_key, cached_scores, lm_eval_scores, mean_score
 
 RESULTS_FILE = "results.json"
@@ -67,8 +68,17 @@ def configure_environment(cfg: DictConfig, out_dir: Path) -> None:
         # settings and would otherwise try to reach the network even for an offline run (assets.md §6).
         os.environ["WANDB_MODE"] = "offline" if wandb_cfg.get("offline", True) else "online"
         os.environ["WANDB_DIR"] = str(out_dir)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    threads = cfg.threads or _parallel_worker_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def _parallel_worker_threads() -> int | None:
+    """One torch thread per job when a launcher runs jobs side by side (joblib's ``n_jobs``): more would
+    oversubscribe the cores (assets.md §7)."""
+    if not _multirun():
+        return None
+    return 1 if HydraConfig.get().launcher.get("n_jobs", 1) != 1 else None
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -98,6 +108,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     # 1. Everything that can be wrong with the configs or the data fails here, before a model is loaded.
     method_config = adapter_config(cfg)
+    budget = plan_budget(cfg.get("budget"), method_config)
     datamodule = instantiate(cfg.data)
     split_report = datamodule.prepare_examples(out_dir / "data")
     module_factory = instantiate(cfg.module)
@@ -105,6 +116,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     # 2. The base model and the adapter.
     base = instantiate(cfg.model)
     datamodule.set_tokenizer(base.tokenizer)
+    budget_report = None
+    if budget is not None:  # sized on a weightless copy of the base model, before the real injection
+        method_config, budget_report = budget.fit(base.model)
+        print(f"[moelab] budget: {budget_report['rule']}; {budget_report['sizing']}", flush=True)
     adapter = inject(base.model, method_config)
     parameters = count_parameters(base.model)
     print(f"[moelab] {adapter.label} on {base.name}: {parameters['trainable']:,} trainable parameters "
@@ -117,7 +132,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
         hyperparameters = {**OmegaConf.to_container(cfg, resolve=True), "parameters": parameters,
-                           "method_label": adapter.label}
+                           "method_label": adapter.label, "budget": budget_report}
         for logger in loggers:
             logger.log_hyperparams(hyperparameters)
 
@@ -158,7 +173,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         timings["total_s"] = time.perf_counter() - started
 
         results = _results(cfg, adapter, base, parameters, split_report, base_scores, base_cached, scores,
-                           scored_as, validation, module, timings)
+                           scored_as, validation, module, timings, budget_report)
         if trainer.is_global_zero:
             (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
             for logger in loggers:
@@ -226,7 +241,7 @@ def _versions() -> dict[str, str | None]:
 
 
 def _results(cfg, adapter, base, parameters, split_report, base_scores, base_cached, scores, scored_as, validation,
-             module, timings) -> dict[str, Any]:
+             module, timings, budget) -> dict[str, Any]:
     metric = cfg.eval.metric
     throughput = module.throughput
     return {
@@ -240,6 +255,7 @@ def _results(cfg, adapter, base, parameters, split_report, base_scores, base_cac
         "model": base.name,
         "model_identity": base.identity,
         "parameters": {**parameters, "trainable_share": parameters["trainable"] / parameters["base"]},
+        "budget": budget,
         "data": {"tasks": split_report},
         "metric": metric,
         "scores": scores,
@@ -252,7 +268,8 @@ def _results(cfg, adapter, base, parameters, split_report, base_scores, base_cac
         "routing": {"train": module.routing["train"].summary(per_layer=True),
                     "heldout": module.routing["heldout"].summary(per_layer=True)},
         "timings": {**timings, "train_steps": throughput["steps"], "train_tokens": throughput["tokens"],
-                    "tokens_per_s": throughput["tokens"] / max(throughput["seconds"], 1e-9)},
+                    "tokens_per_s": throughput["tokens"] / max(throughput["seconds"], 1e-9),
+                    "torch_threads": torch.get_num_threads()},
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_commit": _git_commit(),
         "versions": _versions(),

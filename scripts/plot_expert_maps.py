@@ -1,0 +1,37 @@
+"""Draw expert activation maps (layer × expert, per task, and the difference between tasks) of finished runs.
+
+    python scripts/plot_expert_maps.py RUN_DIR [RUN_DIR ...] [--split train|heldout] [--per-site] [--out DIR]
+
+Reads RUN_DIR/routing.pt and writes one PNG per kind ("load", "importance") into RUN_DIR/plots (or --out).
+Runs of methods that do not route are reported and skipped.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from moelab.modules.plots import SPLITS, write_expert_maps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--split", choices=SPLITS, default="heldout",
+                        help="statistics of the training run or of the held-out pass after it (default)")
+    parser.add_argument("--per-site", action="store_true", help="one row per routing site instead of per layer")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/plots)")
+    args = parser.parse_args()
+    if args.out is not None and len(args.run_dirs) > 1:
+        parser.error("--out takes one RUN_DIR; with several runs the maps go into each RUN_DIR/plots")
+
+    for run_dir in args.run_dirs:
+        paths = write_expert_maps(run_dir, args.out, args.split, args.per_site)
+        if not paths:
+            print(f"[moelab] {run_dir}: no routing statistics ({args.split}); the method does not route")
+        for path in paths:
+            print(f"[moelab] expert map: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

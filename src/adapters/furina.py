@@ -1,0 +1,235 @@
+"""FURINA (Han et al., arXiv 2509.14900): a router-free mixture of LoRA experts — implements methods.md §6.1–§6.5.
+
+Per adapted linear ``W0`` (``d_out × d_in``), N LoRA experts of rank r share one stack (experts.py):
+the first ``N_SE`` are *shared* experts (plain LoRA, always on), the other ``N_sr = N − N_SE`` are
+*self-routing* experts whose direction and magnitude are decoupled (§6.1):
+
+    W_j = B_j A_j,    d_j = ‖W_j[k, :]‖₂ per output row k,    Ŵ_j = diag(d_j + ε)⁻¹ W_j
+    y   = W0 x + Σ_{i shared} s B_i A_i x + Σ_{j self-routing} diag(v) Ŵ_j x,      s = α / r
+
+with one learnable magnitude vector ``v ∈ R^{d_out}`` shared by the layer's self-routing experts. Because
+``v``, ``d_j`` and ``ε`` depend on weights only, the whole update is one linear map (§6.4):
+``B̃_j = diag(v ⊘ (d_j + ε)) B_j``, ``B̃_i = s B_i``, and ``ΔW = [B̃_1 … B̃_N] [A_1; …; A_N]``, a rank-N·r LoRA.
+The forward pass uses exactly that form: the normalised ``B̃`` goes through the stacked two-matmul path of
+:class:`~moelab.adapters.experts.LoraExperts` (no loop over experts), and merging adds the same ``ΔW``, so
+merged and unmerged models agree to rounding.
+
+``d_j`` is computed without forming ``B_j A_j`` (§6.5): with ``G_j = A_j A_jᵀ`` (r × r),
+``d_j² = rowsum((B_j G_j) ⊙ B_j)``.
+
+Expert selection loss (§6.3, the concrete version), per layer and over the non-pad tokens of the batch:
+
+    a_j(x) = ‖v ⊙ Ŵ_j x‖₂          (``loss_activation=unscaled``: ‖Ŵ_j x‖₂)
+    q      = a / (Σ_j a_j + 1e-9),   top = TopK(q, K)
+    L_div  = 1 − mean_t Σ_{j ∈ top(t)} q_tj,    L_bal = N_sr Σ_j F_j P_j,
+    F_j    = mean_t 1[j ∈ top(t)] / K,           P_j = mean_t q_tj
+    aux    = α (L_div + L_bal)       (reported as ``selection_div`` and ``selection_bal``; the trainer
+                                      averages each over layers)
+
+The activations are computed cheaply and exactly as ``a_j² = h_jᵀ (B̂_jᵀ B̂_j) h_j`` with ``h_j = A_j x``
+and ``B̂_j`` the row-scaled ``B_j`` (r × r Gram matrices instead of a [tokens, N_sr, d_out] tensor). They
+feed the loss and the routing statistics only and never the output. They are computed in training, and in
+eval mode only when the trainer has set a token mask for these tokens (held-out routing statistics);
+a plain eval forward (lm-eval, latency) costs the adapter matmuls and nothing more. Every such forward
+exposes ``Routing(probs=q, selected=top)``, so FURINA shares the metrics and activation-map path of the
+routed methods; for that record the mass ``1 − Σ_j q_j`` withheld by the 1e-9 guard (all of it while
+``v = 0``) is spread uniformly, so that rows sum to 1. The loss uses ``q`` exactly as written above.
+
+Choices the paper does not report ([R], each a config field, methods.md "[R] flags at a glance"):
+
+* ``magnitude_norm``: ``l2_row`` (default, ``d_j[k] = ‖W_j[k, :]‖₂``, DoRA-style) or ``row_sum`` (``d_j = W_j·1``
+  as the summaries quote the formula; it can be negative or near −ε, an ablation only).
+* ``eps`` = 1e-6; ``d_j`` and ``v ⊘ (d_j + ε)`` are computed in at least fp32, whatever the model dtype.
+* ``detach_norm`` = false: gradients flow through ``d_j`` (true: DoRA-style, ``d_j`` treated as a constant).
+* ``loss_activation`` = ``scaled`` (``‖v ⊙ Ŵ_j x‖₂``) or ``unscaled``.
+* Init (§6.5): every ``A`` as ``nn.Linear`` does (Kaiming uniform, a = √5, PEFT's default), shared ``B = 0``
+  (PEFT), self-routing ``B_j ~ N(0, self_routing_init_std = 1e-3)`` and ``v = 0``. ``v = 0`` makes the model
+  equal the base at step 0, and a non-zero ``B_j`` makes ``Ŵ_j x ≠ 0``, so ``v`` receives a gradient on the
+  first step and, once ``v ≠ 0``, so do the self-routing ``A_j, B_j``. (PEFT's ``B = 0`` for them would give
+  ``Ŵ_j = 0/ε`` and a 1/ε-amplified first update.) ``init_lora_weights`` applies to every ``A`` and to the
+  shared ``B`` only.
+* Defaults follow the paper's "MixLoRA settings" (§6.6): N = 8, N_SE = 1, r = 16, K = 2, α = 0.01; the
+  shared expert's ``lora_alpha`` = 32 and ``lora_dropout`` = 0.05 are MixLoRA's expert values. Targets: all
+  seven LLaMA projections. Dropout acts on the input of every ``A`` (one mask for all experts).
+
+Deviations: none in the forward pass or the merge identity. The selection-loss reductions and the init are
+ours (the paper does not define them), hence the flags above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .base import Adapter, AdapterLayer, register, require
+from .experts import adapter_dtype
+from .lora import LoraConfig
+from .routing import Routing, _masked_mean, balance_loss_terms
+
+MAGNITUDE_NORMS = ("l2_row", "row_sum")
+LOSS_ACTIVATIONS = ("scaled", "unscaled")
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHARE_GUARD = 1e-9  # q = a / (Σa + 1e-9), methods.md §6.3
+
+
+@dataclass(kw_only=True)
+class FurinaConfig(LoraConfig):
+    """``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights`` as in LoRA (the shared
+    experts' scale is ``α/r``); the FURINA fields below."""
+
+    target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    num_experts: int = 8
+    num_shared_experts: int = 1
+    top_k: int = 2
+    aux_loss_coef: float = 0.01
+    magnitude_norm: str = "l2_row"
+    eps: float = 1e-6
+    detach_norm: bool = False
+    loss_activation: str = "scaled"
+    self_routing_init_std: float = 1e-3
+
+    @property
+    def num_self_routing(self) -> int:
+        return self.num_experts - self.num_shared_experts
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(isinstance(self.num_experts, int) and self.num_experts >= 1,
+                f"num_experts ({self.num_experts}) must be a positive integer")
+        require(isinstance(self.num_shared_experts, int) and 0 <= self.num_shared_experts <= self.num_experts,
+                f"num_shared_experts ({self.num_shared_experts}) must be between 0 and num_experts "
+                f"({self.num_experts})")
+        require(isinstance(self.top_k, int) and self.top_k >= 1, f"top_k ({self.top_k}) must be a positive integer")
+        require(self.num_self_routing == 0 or self.top_k <= self.num_self_routing,
+                f"top_k ({self.top_k}) must be <= the number of self-routing experts "
+                f"(num_experts − num_shared_experts = {self.num_self_routing})")
+        require(self.aux_loss_coef >= 0, f"aux_loss_coef ({self.aux_loss_coef}) must be >= 0")
+        require(self.magnitude_norm in MAGNITUDE_NORMS,
+                f"magnitude_norm ({self.magnitude_norm!r}) must be one of {MAGNITUDE_NORMS}")
+        require(self.eps > 0, f"eps ({self.eps}) must be positive")
+        require(self.loss_activation in LOSS_ACTIVATIONS,
+                f"loss_activation ({self.loss_activation!r}) must be one of {LOSS_ACTIVATIONS}")
+        require(self.self_routing_init_std > 0,
+                f"self_routing_init_std ({self.self_routing_init_std}) must be positive")
+
+
+def safe_sqrt(z: Tensor) -> Tensor:
+    """``√max(z, 0)`` whose gradient is 0 where ``z ≤ 0`` (the norm of a zero vector), not ``∞ · 0 = NaN``."""
+    positive = z > 0
+    return torch.where(positive, torch.where(positive, z, 1.0).sqrt(), 0.0)
+
+
+def output_norms(h: Tensor, b: Tensor) -> Tensor:
+    """``‖b_j h_j‖₂`` for ``h: [T, J, r]``, ``b: [J, d_out, r]``, through the r × r Gram matrices ``b_jᵀ b_j``."""
+    gram = b.mT @ b
+    return safe_sqrt(torch.einsum("tjr,jrs,tjs->tj", h, gram, h))
+
+
+def selection_loss(activations: Tensor, top_k: int, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """methods.md §6.3 for activations ``a: [T, N_sr]``: returns ``(q, top, L_div, L_bal)``."""
+    shares = activations / (activations.sum(-1, keepdim=True) + SHARE_GUARD)
+    top = shares.topk(top_k, dim=-1).indices
+    divergence = 1.0 - _masked_mean(shares.gather(-1, top).sum(-1), mask)
+    slot_load, importance = balance_loss_terms(shares, top, mask)  # F per top-k slot [K, N_sr], P [N_sr]
+    balance = shares.shape[-1] * (slot_load.sum(0) / top_k * importance).sum()
+    return shares, top, divergence, balance
+
+
+class FurinaLinear(AdapterLayer):
+    """``nn.Linear`` plus N_SE shared LoRA experts and N_sr self-routing experts with a shared magnitude ``v``."""
+
+    def __init__(self, base_layer: nn.Linear, config: FurinaConfig) -> None:
+        super().__init__(base_layer)
+        self.config = config
+        self.num_shared = config.num_shared_experts
+        self.num_self_routing = config.num_self_routing
+        self.experts = config.make_experts(base_layer, config.num_experts)
+        self.losses: dict[str, Tensor] = {}
+        if self.num_self_routing:
+            self.magnitude = nn.Parameter(torch.zeros(base_layer.out_features, dtype=self.experts.lora_B.dtype,
+                                                      device=self.experts.lora_B.device))
+            with torch.no_grad():
+                self.experts.lora_B[self.num_shared:].normal_(0.0, config.self_routing_init_std)
+                self.experts.scaling[self.num_shared:] = 1.0  # only v sets their size; α/r has no effect
+
+    # -- the normalised experts (§6.1, §6.5) ------------------------------------------------------------
+
+    def row_norms(self) -> Tensor:
+        """``d_j`` [N_sr, d_out] of every self-routing ``W_j = B_j A_j``, never forming ``W_j``."""
+        dtype = adapter_dtype(self.experts.lora_B.dtype)
+        a = self.experts.lora_A[self.num_shared:].to(dtype)
+        b = self.experts.lora_B[self.num_shared:].to(dtype)
+        if self.config.magnitude_norm == "l2_row":
+            norms = safe_sqrt(((b @ (a @ a.mT)) * b).sum(-1))
+        else:
+            norms = (b @ a.sum(-1, keepdim=True)).squeeze(-1)  # W_j · 1 = B_j (A_j 1)
+        return norms.detach() if self.config.detach_norm else norms
+
+    def directions(self) -> Tensor:
+        """The left factors of ``Ŵ_j``: ``diag(d_j + ε)⁻¹ B_j`` [N_sr, d_out, r], in at least fp32."""
+        b = self.experts.lora_B[self.num_shared:]
+        return b.to(adapter_dtype(b.dtype)) / (self.row_norms() + self.config.eps)[..., None]
+
+    def effective_B(self) -> Tensor:
+        """``[B_1 … B_N]`` with ``B̃_j = diag(v) diag(d_j + ε)⁻¹ B_j`` for the self-routing experts (§6.4);
+        the stack's scale (``α/r`` for shared experts, 1 otherwise) applies on top."""
+        shared = self.experts.lora_B[:self.num_shared]
+        if not self.num_self_routing:
+            return shared
+        routed = self.magnitude.to(adapter_dtype(self.magnitude.dtype))[:, None] * self.directions()
+        return torch.cat([shared, routed.to(shared.dtype)])
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def adapted_forward(self, x: Tensor) -> Tensor:
+        h = self.experts.down(x)  # [..., N, r]: every expert's A_j x
+        b = self.effective_B()
+        out = self.base_layer(x) + self.experts.up(h, b).to(x.dtype)
+        self.routing, self.losses = None, {}
+        if self.num_self_routing:
+            self._observe_selection(h[..., self.num_shared:, :].flatten(0, -3), b[self.num_shared:])
+        return out
+
+    def _observe_selection(self, h: Tensor, routed_B: Tensor) -> None:
+        """Selection loss and routing record from the self-routing experts' ``h_j = A_j x`` [T, N_sr, r];
+        skipped in a plain eval forward."""
+        mask = self.context.flat_token_mask(h.shape[0])
+        if not (self.training or mask is not None):
+            return
+        b = routed_B if self.config.loss_activation == "scaled" else self.directions()
+        dtype = adapter_dtype(h.dtype)  # the loss in at least fp32, like every router
+        activations = output_norms(h.to(dtype), b.to(dtype))
+        shares, top, divergence, balance = selection_loss(activations, self.config.top_k, mask)
+        coef = self.config.aux_loss_coef
+        self.losses = {"selection_div": coef * divergence, "selection_bal": coef * balance}
+        completed = shares + (1.0 - shares.sum(-1, keepdim=True)) / shares.shape[-1]
+        self.routing = Routing(probs=completed.float(), selected=top)
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        return self.losses if self.routing is not None else {}
+
+    # -- merging (§6.4) ------------------------------------------------------------------------------------
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor]:
+        return self.experts.low_rank_factors(self.effective_B())
+
+    def get_delta_weight(self) -> Tensor:
+        lora_A, lora_B = self.low_rank_factors()
+        return lora_B @ lora_A
+
+
+@register
+class Furina(Adapter):
+    name = "furina"
+    config_class = FurinaConfig
+    placement = "linear"
+    mergeable = True
+    fidelity = "paper-equations"
+
+    def make_layer(self, name: str, module: nn.Module) -> FurinaLinear:
+        return FurinaLinear(module, self.config)

@@ -1,0 +1,166 @@
+"""LoRA-Mixer (Li et al., HUST; arXiv 2507.00029; ICLR 2026) — implements methods.md §5.1, §5.2 and §5.6.
+
+No code is public (the official repository holds a README only) and the paper leaves the router form, the
+expert rank, the loss coefficients and the fusion rule undefined, so this is a ``reconstruction``: every
+unreported detail below is a flag with methods.md's default.
+
+LoRA experts sit on the attention projections q, k, v, o (``ComposedLinear``, composition.py):
+
+    y = W x + Σ_e w_e(x) · s_e B_e A_e dropout(x),      p(x) = router(x) ∈ Δ^E   (Eq. 4; PEFT's A/B naming)
+
+    stage hard  (training, experts trained in the run):  w = one-hot of the example's task (domain routing)
+    stage soft  (training):                             w = p                  (dense soft fusion)
+    inference   (eval mode):                            w = top-K of p, renormalised to sum 1
+
+Routing specialisation loss per routing site, averaged over the sites (§5.2, Eq. 3 and 5):
+
+    L_RSL = α Σ_i p̄_i f̄_i + rsl_entropy_sign · λ · E_x[H(p(x))],   H(p) = −Σ_i p_i log p_i
+
+with ``p̄_i`` the mean routing probability and ``f̄_i`` the load of expert i over the unmasked tokens, and
+the expert-preservation loss (Eq. 11) ``L_preserve = β Σ_{i∈C} ||θ_i − θ_i^(0)||²`` summed over all wrapped
+projections, ``θ_i = (A_i, B_i)`` and ``θ_i^(0)`` their values when the soft stage is entered (again when
+a run resumes from a checkpoint).
+
+Flags (methods.md's [R] table):
+
+* ``router_scope`` — ``per_projection`` (a router per wrapped projection, default) or ``per_layer`` (one per
+  decoder layer, reading ``q_proj``'s input — the normalised layer input — and shared by k, v, o).
+  Routers come from :meth:`~.base.Adapter.make_router` (a linear map initialised ``N(0, router_init_std)``,
+  0.02 as MixLoRA's), so a router method such as MoR replaces them; only ``probabilities(x)`` is used.
+* ``top_k`` = 3 and ``top_k_renormalize`` (on): sparse fusion at inference; the renormalisation is ours.
+* ``rsl_entropy_sign`` = +1 minimises the per-token entropy (sharper routing, as the paper's text says);
+  −1 is Eq. 5 as printed, which maximises it. Every report should state the sign.
+* ``rsl_load`` — ``argmax`` (``f̄_i`` = share of tokens whose argmax is i, Eq. 3) or ``topk_score``
+  (``f̄_i`` = mean renormalised top-K weight of i, the §3.3 wording). Either way ``f̄`` is a load statistic
+  without gradient, as in Switch-style balance losses; the gradient flows through ``p̄`` and ``H``.
+* ``rsl_alpha`` / ``rsl_lambda`` / ``preserve_beta`` = 0.01 / 0.01 / 1e-3 (unreported; α counted once).
+* ``preserve_experts`` (C) empty by default. It needs ``train_experts_in_soft_stage`` (default off: the soft
+  stage trains the routers only, "experts frozen or mostly frozen"), otherwise ``θ_i`` cannot move.
+* Plug-in mode is ``experts.source=load`` (frozen external LoRAs, routers only). Experts trained in the run
+  use ``experts.r / lora_alpha / lora_dropout`` = 16 / 32 / 0.05 (MixLoRA's, so budgets compare); loaded
+  LoRAs keep their own rank and scale.
+* Stages share the run's data mixture; the paper's soft stage used a separate 2k–4k routing set.
+
+Not mergeable: the routing weights depend on the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import BatchContext, register, require
+from .composition import HARD, SOFT, ComposedAdapter, ComposedConfig, composed_layers, site_key
+from .experts import LoraExperts
+from .routing import Routing, _masked_mean, entropy, scatter_weights, top_k_weights
+
+ROUTER_SCOPES = {"per_projection": "matrix", "per_layer": "layer"}
+RSL_LOADS = ("argmax", "topk_score")
+
+
+@dataclass(kw_only=True)
+class LoraMixerConfig(ComposedConfig):
+    """LoRA-Mixer's router and loss flags (methods.md §5.1–§5.2, §5.6) on top of the ``experts`` block."""
+
+    router_scope: str = "per_projection"
+    router_init_std: float = 0.02
+    top_k: int = 3  # experts fused per token at inference
+    top_k_renormalize: bool = True
+    rsl_alpha: float = 0.01
+    rsl_lambda: float = 0.01
+    rsl_entropy_sign: int = 1  # +1: minimise the routing entropy (text); -1: Eq. 5 as printed
+    rsl_load: str = "argmax"
+    preserve_beta: float = 1e-3
+    preserve_experts: list[int] = field(default_factory=list)
+    train_experts_in_soft_stage: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.router_scope in ROUTER_SCOPES,
+                f"router_scope ({self.router_scope!r}) must be one of {sorted(ROUTER_SCOPES)}")
+        require(self.router_init_std >= 0, f"router_init_std ({self.router_init_std}) must be >= 0")
+        require(isinstance(self.top_k, int) and 1 <= self.top_k <= self.experts.count,
+                f"top_k ({self.top_k}) must be an integer in [1, number of experts ({self.experts.count})]")
+        for name in ("rsl_alpha", "rsl_lambda", "preserve_beta"):
+            require(getattr(self, name) >= 0, f"{name} ({getattr(self, name)}) must be >= 0")
+        require(self.rsl_entropy_sign in (1, -1), f"rsl_entropy_sign ({self.rsl_entropy_sign}) must be +1 or -1")
+        require(self.rsl_load in RSL_LOADS, f"rsl_load ({self.rsl_load!r}) must be one of {RSL_LOADS}")
+        self.preserve_experts = self.require_expert_ids("preserve_experts", self.preserve_experts)
+        require(not self.preserve_experts or self.train_experts_in_soft_stage,
+                f"preserve_experts ({self.preserve_experts}) needs train_experts_in_soft_stage: frozen experts "
+                "cannot drift")
+
+
+def rsl_loss(probs: Tensor, mask: Tensor | None, config: LoraMixerConfig) -> Tensor:
+    """L_RSL of one routing site (§5.2) for its routing distribution ``probs`` [T, E]."""
+    num_experts = probs.shape[-1]
+    if config.rsl_load == "argmax":
+        load = F.one_hot(probs.argmax(dim=-1), num_experts).to(probs.dtype)
+    else:
+        load = scatter_weights(*top_k_weights(probs, config.top_k), num_experts)
+    balance = (_masked_mean(probs, mask) * _masked_mean(load.detach(), mask)).sum()
+    return config.rsl_alpha * balance + config.rsl_entropy_sign * config.rsl_lambda * _masked_mean(entropy(probs), mask)
+
+
+class MixerRouter(nn.Module):
+    """A routing site: dense ``p`` in training, renormalised top-K of ``p`` at inference (§5.1)."""
+
+    def __init__(self, router: nn.Module, top_k: int, renormalize: bool) -> None:
+        super().__init__()
+        self.router, self.top_k, self.renormalize = router, top_k, renormalize
+
+    def forward(self, x: Tensor, h: Tensor, experts: LoraExperts, context: BatchContext) -> tuple[Tensor, Routing]:
+        probs, logits = self.router.probabilities(x.reshape(-1, x.shape[-1]))
+        if self.training:
+            weights, selected = probs, probs.argmax(dim=-1, keepdim=True)
+        else:
+            kept, selected = top_k_weights(probs, self.top_k, self.renormalize)
+            weights = scatter_weights(kept, selected, probs.shape[-1])
+        return weights.reshape(*x.shape[:-1], -1), Routing(probs, selected, logits)
+
+
+@register
+class LoraMixer(ComposedAdapter):
+    name = "lora_mixer"
+    config_class = LoraMixerConfig
+    merge_refusal = "its token routers mix the LoRA experts with input-dependent weights"
+    config: LoraMixerConfig
+
+    def __init__(self, config: LoraMixerConfig) -> None:
+        super().__init__(config)
+        self.anchors: dict[str, tuple[Tensor, Tensor]] = {}  # θ_i^(0) of the preserved experts, per projection
+
+    def site_of(self, module: str) -> str:
+        return site_key(module, ROUTER_SCOPES[self.config.router_scope])
+
+    def make_site(self, linear: nn.Linear, experts: LoraExperts) -> MixerRouter:
+        router = self.make_router(linear.in_features, experts.num_experts, self.config.top_k,
+                                  self.config.router_init_std)
+        return MixerRouter(router, self.config.top_k, self.config.top_k_renormalize)
+
+    def experts_train_in(self, stage: str) -> bool:
+        return stage == HARD or (stage == SOFT and self.config.train_experts_in_soft_stage)
+
+    def enter_stage(self, model: nn.Module, stage: str) -> None:
+        super().enter_stage(model, stage)
+        preserved = self.config.preserve_experts if stage == SOFT else []
+        self.anchors = {name: (layer.experts.lora_A[preserved].detach().clone(),
+                               layer.experts.lora_B[preserved].detach().clone())
+                        for name, layer in composed_layers(model)} if preserved else {}
+
+    def aux_losses(self, model: nn.Module) -> dict[str, Tensor]:
+        losses = {}
+        records = self.soft_routing(model)
+        if records:
+            losses["rsl"] = torch.stack([rsl_loss(routing.probs, mask, self.config)
+                                         for routing, mask in records]).mean()
+        if self.anchors:
+            preserved = self.config.preserve_experts
+            drift = [((layer.experts.lora_A[preserved] - self.anchors[name][0]) ** 2).sum()
+                     + ((layer.experts.lora_B[preserved] - self.anchors[name][1]) ** 2).sum()
+                     for name, layer in composed_layers(model)]
+            losses["preserve"] = self.config.preserve_beta * torch.stack(drift).sum()
+        return losses

@@ -1,0 +1,174 @@
+"""Comparison tables from run folders written here by hand: rows, mean ± std over seeds, the base model,
+published numbers and differences, the single-task protocol, variants, budgets, and what is missing."""
+
+import csv
+import json
+import statistics
+
+import pytest
+import torch
+import yaml
+from test_plots import routed_stats
+
+from moelab.modules.compare import compare
+
+TASKS = ("arc_easy", "piqa")
+PAPER = {"source": "Some paper", "table": "Table 1", "model": "Big-LM", "tasks": list(TASKS), "note": "accuracy",
+         "base": {"scores": {"arc_easy": 20.0, "piqa": 30.0}},
+         "methods": {"lora": {"params": "2.9%", "scores": {"arc_easy": 70.0, "piqa": 80.0}, "average": 74.0},
+                     "mor": {"scores": {"arc_easy": 60.0}}}}
+
+
+def write_run(root, name, method, seed, scores, fidelity="official-code-parity", overrides=(), paper=PAPER,
+              routing=None, max_steps=10, budget=None, trainable=1000):
+    """A run folder as training writes it: results.json, .hydra/overrides.yaml, routing.pt when it routes."""
+    folder = root / name
+    (folder / ".hydra").mkdir(parents=True)
+    summary = ({"routing/entropy": 0.5 + 0.1 * seed, "routing/load_cv": 0.2, "routing/dead_experts": float(seed)}
+               if routing else {})
+    results = {"status": "ok", "run_name": name, "method": method, "fidelity": fidelity,
+               "label": f"{method} [{fidelity}]", "seed": seed, "model": "tiny_random", "model_identity": "tiny:1",
+               "parameters": {"base": 100_000, "adapter": trainable, "trainable": trainable,
+                              "trainable_share": trainable / 100_000},
+               "budget": budget, "data": {"tasks": {task: {"train": 60, "heldout": 20} for task in scores}},
+               "metric": "acc", "scores": {task: {"acc": value} for task, value in scores.items()},
+               "base_scores": {"arc_easy": {"acc": 0.25}, "piqa": {"acc": 0.5}},
+               "routing": {"train": summary, "heldout": summary},
+               "config": {"trainer": {"max_steps": max_steps}, "data": {"batch_size": 8}, "paper": paper}}
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={seed}", *overrides]))
+    if routing is not None:
+        torch.save({"tasks": list(scores), "method": results["label"], "train": routing.state_dict(),
+                    "heldout": routing.state_dict()}, folder / "routing.pt")
+    return folder
+
+
+LORA = {0: (0.60, 0.70), 1: (0.64, 0.74), 2: (0.62, 0.78)}
+MIXLORA = {0: (0.70, 0.80), 1: (0.72, 0.82)}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for seed, values in LORA.items():
+        write_run(tmp_path, f"{seed}_lora-seed{seed}", "lora", seed, dict(zip(TASKS, values, strict=True)))
+    for seed, values in MIXLORA.items():
+        write_run(tmp_path, f"{3 + seed}_mixlora-seed{seed}", "mixlora", seed, dict(zip(TASKS, values, strict=True)),
+                  routing=routed_stats(tasks=2))
+    write_run(tmp_path, "5_mor-seed0", "mor", 0, {"arc_easy": 0.5, "piqa": 0.6}, fidelity="reconstruction",
+              routing=routed_stats(tasks=2))
+    failed = tmp_path / "6_mixlora-seed2"
+    failed.mkdir()
+    (failed / "results.json").write_text(json.dumps({"status": "failed", "method": "mixlora", "seed": 2,
+                                                     "error": "AdapterConfigError: r (0) must be a positive integer"}))
+    (tmp_path / "7_mor-seed1" / ".hydra").mkdir(parents=True)  # a killed job: no results.json
+    return tmp_path
+
+
+def csv_lines(path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def table_rows(path) -> dict[str, dict[str, str]]:
+    """CSV lines by ``kind:method`` (``kind:name`` for the base model's lines)."""
+    return {f"{row['kind']}:{row['method'] or row['name']}": row for row in csv_lines(path)}
+
+
+def test_rows_hold_mean_and_std_over_seeds(sweep):
+    result = compare(sweep)
+    rows = table_rows(result.csv)
+    lora = rows["ours:lora"]
+    arc = [100 * values[0] for values in LORA.values()]
+    assert float(lora["arc_easy"]) == pytest.approx(statistics.fmean(arc))
+    assert float(lora["arc_easy_std"]) == pytest.approx(statistics.stdev(arc)) and lora["arc_easy_n"] == "3"
+    averages = [100 * statistics.fmean(values) for values in LORA.values()]
+    assert float(lora["average"]) == pytest.approx(statistics.fmean(averages))
+    assert float(lora["average_std"]) == pytest.approx(statistics.stdev(averages))
+    assert lora["trainable"] == "1000" and float(lora["trainable_share"]) == pytest.approx(0.01)
+    mixlora = rows["ours:mixlora"]
+    assert mixlora["seeds"] == "2" and float(mixlora["entropy"]) == pytest.approx(0.55)
+    assert float(mixlora["dead_experts"]) == pytest.approx(0.5) and lora["entropy"] == ""
+    assert float(rows["base:base model (tiny_random)"]["piqa"]) == pytest.approx(50.0)
+    row = next(line for line in result.text.splitlines() if line.startswith("| lora"))
+    assert f"{statistics.fmean(arc):.1f} ± {statistics.stdev(arc):.1f}" in row and "1,000 (1%)" in row
+
+
+def test_published_numbers_sit_under_their_method_with_the_difference(sweep):
+    result = compare(sweep)
+    rows = table_rows(result.csv)
+    assert float(rows["published:lora"]["arc_easy"]) == 70.0 and float(rows["published:lora"]["average"]) == 74.0
+    ours = float(rows["ours:lora"]["arc_easy"])
+    assert float(rows["difference:lora"]["arc_easy"]) == pytest.approx(ours - 70.0)
+    assert float(rows["difference:lora"]["average"]) == pytest.approx(float(rows["ours:lora"]["average"]) - 74.0)
+    assert "published:mixlora" not in rows, "no published numbers, no published row"
+    assert rows["published:mor"]["average"] == "", "one published task of two: no published average"
+    base_published = next(line for line in result.text.splitlines() if line.startswith("| ↳ published"))
+    assert "| 20.0 | 30.0 | 25.0 |" in base_published
+    lines = result.text.splitlines()
+    mor_published = lines[lines.index(next(line for line in lines if line.startswith("| mor"))) + 1]
+    assert "not a reproduction" in mor_published
+    assert "`reconstruction` methods" in result.text and "mor [reconstruction]" in result.text
+    assert "Published numbers: Some paper, Table 1, Big-LM. accuracy" in result.text
+
+
+def test_failed_killed_and_missing_runs_are_listed(sweep):
+    text = compare(sweep).text
+    missing = text.split("## Missing or failed runs")[1]
+    assert "6_mixlora-seed2` (mixlora, seed 2) failed: AdapterConfigError: r (0) must be a positive integer" in missing
+    assert "7_mor-seed1` has no results.json" in missing
+    assert "mixlora [official-code-parity]: no arc_easy score for seed(s) 2" in missing
+    assert "mor [reconstruction]: no piqa score for seed(s) 1, 2" in missing
+    assert "- lora [official-code-parity]: no" not in missing
+
+
+def test_the_figure_shows_every_routed_method(sweep, tmp_path):
+    result = compare(sweep, tmp_path / "out")
+    assert result.figure == tmp_path / "out" / "expert_maps.png" and result.figure.stat().st_size > 0
+    assert result.markdown.parent == tmp_path / "out"
+
+
+def test_single_task_runs_fill_one_row_and_a_seed_needs_every_task_for_its_average(tmp_path):
+    for seed in (0, 1):
+        for task, value in zip(TASKS, (0.5 + seed / 10, 0.7), strict=True):
+            write_run(tmp_path, f"{task}-{seed}", "mixlora", seed, {task: value}, paper=None,
+                      overrides=[f"data.tasks=[{task}]", "adapter=mixlora"])
+    write_run(tmp_path, "arc_easy-2", "mixlora", 2, {"arc_easy": 0.9}, paper=None,
+              overrides=["data.tasks=[arc_easy]", "adapter=mixlora"])
+    rows = table_rows(compare(tmp_path).csv)
+    assert list(rows) == ["base:base model (tiny_random)", "ours:mixlora"], "one row, no per-task variants"
+    row = rows["ours:mixlora"]
+    assert row["protocol"] == "single-task" and row["arc_easy_n"] == "3" and row["piqa_n"] == "2"
+    assert row["average_n"] == "2", "seed 2 has no piqa run"
+    assert float(row["average"]) == pytest.approx(statistics.fmean([60.0, 65.0]))
+
+
+def test_overrides_that_vary_split_a_method_into_rows(tmp_path):
+    for top_k in (1, 2):
+        for seed in (0, 1):
+            write_run(tmp_path, f"k{top_k}-{seed}", "mixlora", seed, {"arc_easy": 0.5}, max_steps=10 * top_k,
+                      paper=None, overrides=["experiment=demo", f"adapter.top_k={top_k}"])
+    result = compare(tmp_path)
+    names = [row["name"] for row in csv_lines(result.csv) if row["kind"] == "ours"]
+    assert names == [f"mixlora [official-code-parity] · adapter.top_k={top_k}" for top_k in (1, 2)]
+    assert "⚠ runs differ in training steps: 10 (mixlora); 20 (mixlora)" in result.text
+
+
+def test_budgets_show_the_size_chosen_and_the_rule(tmp_path):
+    rule = "trainable parameters matched to lora(r=80) = 1,000"
+    for method, value, error in (("lora", 80, 0.0), ("mixlora", 17, 0.01), ("furina", 1, 1.13)):
+        write_run(tmp_path, method, method, 0, {"arc_easy": 0.5}, paper=None,
+                  budget={"rule": rule, "sized": True, "field": "r", "value": value, "relative_error": error,
+                          "sizing": f"{method}.r = {value}: {error:+.0%} of the target"})
+    result = compare(tmp_path)
+    rows = table_rows(result.csv)
+    assert rows["ours:lora"]["sized"] == "r=80" and rows["ours:mixlora"]["sized"] == "r=17"
+    assert f"parameter budget: {rule}" in result.text and "| Sized |" in result.text
+    warnings = [line for line in result.text.splitlines() if "off the budget" in line]
+    assert warnings == ["- ⚠ furina [official-code-parity]: furina.r = 1: +113% of the target: off the budget by "
+                        "more than 5%"]
+    assert "published" not in result.text.lower()
+
+
+def test_an_empty_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        compare(tmp_path)

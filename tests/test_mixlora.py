@@ -1,0 +1,354 @@
+"""MixLoRA (methods.md §3): fast path vs the per-expert loop, parity with the official `mixlora` package on
+identical weights (layer and whole model, fp32 and fp64), checkpoint conversion both ways, the balance
+loss on hand-computed cases, the LLaMA-2-7B parameter count, config validation."""
+
+import copy
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+from conftest import ROOT, compose_config, tiny_model, token_batch
+from safetensors.torch import save_file
+
+from moelab.adapters import (
+    AdapterConfigError,
+    MergeError,
+    adapter_parameters,
+    adapter_state_dict,
+    count_parameters,
+    inject,
+    merge,
+)
+from moelab.adapters.base import AdapterModule, BatchContext
+from moelab.adapters.mixlora import (
+    MixLoraConfig,
+    MixLoraFFN,
+    balance_losses,
+    from_official,
+    to_official,
+    to_official_config,
+    to_official_state,
+)
+from moelab.adapters.routing import Routing
+from moelab.modules.training import run
+
+
+def randomize(model, scale: float = 0.05, seed: int = 1) -> None:
+    """Random values in every adapter tensor: expert updates of the size of the frozen FFN's own terms
+    (larger ones would compare sums of cancelling terms) and a router that really routes."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in adapter_parameters(model):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * scale)
+
+
+def mixlora_model(seed: int = 0, **overrides):
+    model, _ = tiny_model()
+    torch.manual_seed(seed)
+    adapter = inject(model, MixLoraConfig(**overrides))
+    return model, adapter
+
+
+def logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+# ------------------------------------------------------------------------------------- fast path == loop
+
+
+@pytest.mark.parametrize("tokens,num_experts,top_k", [
+    (1, 4, 2),    # a single token
+    (3, 4, 1),    # at most 3 of 4 experts used: one receives no token
+    (9, 3, 3),    # k = E: dense mixing
+    (16, 8, 2),   # the default shape
+])
+def test_fast_path_equals_per_expert_loop(tokens, num_experts, top_k):
+    model, _ = mixlora_model(num_experts=num_experts, top_k=top_k)
+    randomize(model)
+    layer = model.model.layers[1].mlp
+    assert isinstance(layer, MixLoraFFN)
+    layer.eval()
+    x = torch.randn(1, tokens, 64, requires_grad=True)
+    params = [x, layer.router.weight, *layer.experts.parameters()]
+    fast = layer(x)
+    grads_fast = torch.autograd.grad(fast.square().sum(), params)
+    reference = layer.reference_forward(x)
+    grads_reference = torch.autograd.grad(reference.square().sum(), params)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_fast, grads_reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    unused = set(range(num_experts)) - set(layer.routing.selected.flatten().tolist())
+    for expert in unused:  # an expert without tokens gets no gradient in any of its LoRA tensors
+        assert all(torch.count_nonzero(grad[expert]) == 0 for grad in grads_fast[2:])
+    if tokens == 3:
+        assert unused, "the case must contain an expert that receives no token"
+
+
+def test_routing_is_recorded_and_weights_renormalised():
+    model, _ = mixlora_model()
+    randomize(model)
+    logits(model, token_batch(batch=2, seq=5))
+    routing = model.model.layers[0].mlp.routing
+    assert routing.probs.shape == (10, 8) and routing.selected.shape == (10, 2)
+    weights, _ = model.model.layers[0].mlp.router(torch.randn(4, 64))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4))
+    assert (weights > 0).sum(-1).eq(2).all()
+
+
+def test_jitter_only_in_training():
+    model, _ = mixlora_model(jitter_noise=0.5)
+    randomize(model)
+    layer = model.model.layers[0].mlp
+    x = torch.randn(1, 6, 64)
+    reference = layer.eval()(x)
+    torch.testing.assert_close(layer(x), reference, rtol=0, atol=0)
+    assert not torch.allclose(layer.train()(x), reference), "training mode multiplies the input by U(1-ε, 1+ε)"
+
+
+# ------------------------------------------------------------------------------------- official parity
+
+
+def official_config(config: MixLoraConfig, dtype: torch.dtype):
+    from mixlora.config import MixLoraConfig as OfficialConfig
+
+    official = OfficialConfig.from_config(to_official_config(config, base_model="tiny"))
+    official.dtype_, official.adapter_name_, official.model_type_ = dtype, "default", "llama"
+    return official.check()
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-10, 1e-10)])
+def test_layer_matches_official_mixlora_sparse_moe(dtype, rtol, atol):
+    from mixlora.lora_linear import LoraLinear as OfficialLora
+    from mixlora.model import MixLoraSparseMoe
+
+    config = MixLoraConfig(num_experts=4, top_k=2, r=8, lora_alpha=16)  # dropout .05 > 0: the package asserts it
+    model, _ = mixlora_model(**config.to_dict())
+    randomize(model)
+    model.to(dtype)
+    ours = model.model.layers[0].mlp.eval()
+    weights = to_official_state(adapter_state_dict(model), config)
+    official = official_config(config, dtype)
+    theirs = MixLoraSparseMoe(copy.deepcopy(ours.base_layer), official)
+    theirs.gate_ = weights["mixlora.layers.0.mlp.moe_gate.weight"]
+    for expert in range(4):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            prefix = f"mixlora.layers.0.mlp.{proj}.experts.{expert}"
+            lora = OfficialLora(getattr(theirs.base_layer_, proj), official,
+                                (weights[f"{prefix}.lora_A.weight"], weights[f"{prefix}.lora_B.weight"]))
+            theirs.experts_[f"experts.{expert}.{proj}"] = lora.eval()  # a plain dict: .eval() must reach each
+    x = torch.randn(3, 11, 64, dtype=dtype)
+    expected = theirs(x.clone())
+    assert (expected - ours.base_layer(x)).abs().max() > 0.1 * expected.abs().max(), "a non-trivial adapter"
+    torch.testing.assert_close(ours(x), expected, rtol=rtol, atol=atol)
+    assert ours.routing.selected.unique().numel() > 1, "the router must really route"
+
+
+def test_whole_model_matches_official_loader(tmp_path):
+    from mixlora.model import inject_adapter_in_model, load_adapter_weights
+
+    model, _ = mixlora_model()
+    randomize(model)
+    batch = token_batch(batch=2, seq=12)
+    ours = logits(model, batch)
+    to_official(model, tmp_path, base_model="tiny_random")
+    config, weights = load_adapter_weights(str(tmp_path), device="cpu", dtype=torch.float32)
+    official, _ = tiny_model()
+    inject_adapter_in_model(official, config, weights)
+    for layer in official.model.layers:
+        for lora in layer.mlp.mixlora_moes["default"].experts_.values():
+            lora.eval()  # the package keeps experts in a plain dict, out of model.eval()'s reach
+    theirs = logits(official, batch)
+    base, _ = tiny_model()
+    assert (theirs - logits(base, batch)).abs().max() > 0.1, "the adapter must change the logits"
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_official_checkpoint_round_trip(tmp_path):
+    model, _ = mixlora_model(num_experts=4, top_k=1, lora_alpha=24, router_aux_loss_coef=0.01)
+    randomize(model)
+    folder = to_official(model, tmp_path / "official", base_model="tiny_random")
+    written = json.loads((folder / "adapter_config.json").read_text())
+    assert written["lora_alpha"] == 24 and written["act_fn"] == "silu" and written["num_experts"] == 4
+    assert written["target_modules"][-3:] == ["gate_proj", "up_proj", "down_proj"]
+    weights = torch.load(folder / "adapter_model.bin", weights_only=True)
+    assert weights["mixlora.layers.1.mlp.moe_gate.weight"].shape == (4, 64)
+    assert weights["mixlora.layers.0.mlp.down_proj.experts.3.lora_A.weight"].shape == (16, 128)
+    assert weights["mixlora.layers.0.self_attn.q_proj.lora_B.weight"].shape == (64, 16)
+    assert len(weights) == 2 * (4 * 2 + 1 + 3 * 4 * 2)
+    reloaded, _ = tiny_model()
+    adapter = from_official(reloaded, folder)
+    assert adapter.config == model.moelab_adapter.config
+    original = adapter_state_dict(model)
+    for key, value in adapter_state_dict(reloaded).items():
+        torch.testing.assert_close(value, original[key], rtol=0, atol=0)
+    torch.testing.assert_close(logits(reloaded, token_batch()), logits(model, token_batch()), rtol=0, atol=0)
+
+
+def test_import_rejects_missing_and_extra_tensors(tmp_path):
+    model, _ = mixlora_model(num_experts=2)
+    folder = to_official(model, tmp_path, base_model="tiny_random")
+    weights = torch.load(folder / "adapter_model.bin", weights_only=True)
+    torch.save({k: v for k, v in weights.items() if "experts.1" not in k}, folder / "adapter_model.bin")
+    with pytest.raises(AdapterConfigError, match="missing"):
+        from_official(tiny_model()[0], folder)
+    torch.save({**weights, "mixlora.layers.9.mlp.moe_gate.weight": torch.zeros(2, 64)}, folder / "adapter_model.bin")
+    with pytest.raises(AdapterConfigError, match="unexpected"):
+        from_official(tiny_model()[0], folder)
+
+
+def test_expert_override_changes_expert_rank_and_warns_on_export():
+    model, adapter = mixlora_model(expert_r=4, expert_alpha=8)
+    layer = model.model.layers[0]
+    assert layer.mlp.experts["up_proj"].lora_A.shape == (8, 4, 64)
+    assert layer.self_attn.q_proj.lora.lora_A.shape == (1, 16, 64)
+    assert layer.mlp.experts["up_proj"].scaling[0].item() == 2.0
+    with pytest.warns(UserWarning, match="ignores expert_lora"):
+        values = to_official_config(adapter.config, base_model="x")
+    assert values["expert_lora"] == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05}
+
+
+def test_convert_script_round_trip(tmp_path):
+    spec = importlib.util.spec_from_file_location("convert_mixlora", ROOT / "scripts" / "convert_mixlora.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model, adapter = mixlora_model(num_experts=2)
+    randomize(model)
+    run = tmp_path / "run" / "adapter"
+    run.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in adapter_state_dict(model).items()}, str(run / "adapter_model.safetensors"))
+    meta = {"method": "mixlora", "config": adapter.config.to_dict(), "model": {"name": "tiny_random"}}
+    (run / "adapter_config.json").write_text(json.dumps(meta))
+    assert script.main(["to-official", str(tmp_path / "run"), str(tmp_path / "official")]) == 0
+    assert script.main(["from-official", str(tmp_path / "official"), str(tmp_path / "back"),
+                        "--model", "tiny_random"]) == 0
+    from moelab.modules.runs import load_trained
+
+    base, _ = load_trained(tmp_path / "back")
+    torch.testing.assert_close(logits(base.model, token_batch()), logits(model, token_batch()), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------- the balance loss
+
+
+def site(probs, selected, mask=None) -> AdapterModule:
+    module = AdapterModule()
+    probs = torch.tensor(probs)
+    module.routing = Routing(probs, torch.tensor(selected).reshape(len(probs), -1), probs.log())
+    module.context = BatchContext(token_mask=None if mask is None else torch.tensor(mask))
+    return module
+
+
+def two_layers(mask):
+    # layer 1: selected 0, 0, 1 (+ padding → 1); layer 2: selected 0, 1, 1 (+ padding → 1); E = 2, k = 1
+    return [site([[.75, .25], [.75, .25], [.25, .75], [.1, .9]], [0, 0, 1, 1], mask),
+            site([[.6, .4], [.3, .7], [.4, .6], [.2, .8]], [0, 1, 1, 1], mask)]
+
+
+def test_balance_loss_pooled_per_layer_and_padding_by_hand():
+    config = MixLoraConfig(num_experts=2, top_k=1, router_aux_loss_coef=0.5)
+    mask = [[True, True, True, False]]
+    # pooled over the 6 real tokens: F = (3/6, 3/6), P = (3.05/6, 2.95/6) → 2·(F·P) = 1.0
+    pooled = balance_losses(two_layers(mask), config)["load_balance"]
+    torch.testing.assert_close(pooled, torch.tensor(0.5 * 1.0))
+    # per layer: 2·(2/3·1.75/3 + 1/3·1.25/3) = 9.5/9 and 2·(1/3·1.3/3 + 2/3·1.7/3) = 9.4/9 → mean 1.05
+    config.aux_loss_reduction = "per_layer"
+    torch.testing.assert_close(balance_losses(two_layers(mask), config)["load_balance"], torch.tensor(0.5 * 1.05))
+    # with the padding counted: F = (3/8, 5/8), P = (3.35/8, 4.65/8) → 2·(3·3.35 + 5·4.65)/64 = 66.6/64
+    config.aux_loss_reduction = "pooled"
+    torch.testing.assert_close(balance_losses(two_layers(None), config)["load_balance"],
+                               torch.tensor(0.5 * 66.6 / 64))
+
+
+def test_balance_loss_of_a_collapsed_router_by_hand():
+    config = MixLoraConfig(num_experts=4, top_k=2)  # coef 1e-3
+    sites = [site([[.7, .2, .05, .05]] * 3, [[0, 1]] * 3) for _ in range(2)]
+    # every token's slots go to experts 0 and 1: E · (P0 + P1) = 4 · 0.9
+    torch.testing.assert_close(balance_losses(sites, config)["load_balance"], torch.tensor(1e-3 * 3.6))
+
+
+@pytest.mark.parametrize("reduction", ["pooled", "per_layer"])
+def test_uniform_router_gives_k_times_coef_and_z_loss_by_hand(reduction):
+    model, adapter = mixlora_model(router_z_loss_coef=0.5, aux_loss_reduction=reduction)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.router.weight.zero_()
+    batch = token_batch(batch=2, seq=8)
+    adapter.set_context(model, batch["task_ids"], batch["attention_mask"].bool())
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    losses = adapter.aux_losses(model)
+    torch.testing.assert_close(losses["load_balance"], torch.tensor(1e-3 * 2))  # k = 2
+    torch.testing.assert_close(losses["router_z"], torch.tensor(0.5 * math.log(8) ** 2))
+
+
+def test_aux_loss_trains_the_router():
+    model, adapter = mixlora_model()
+    batch = token_batch(batch=2, seq=8)
+    adapter.set_context(model, batch["task_ids"], batch["attention_mask"].bool())
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    adapter.aux_losses(model)["load_balance"].backward()
+    assert model.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------- size and config
+
+
+def test_trainable_parameters_for_llama2_7b_shapes():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    inject(model, MixLoraConfig())
+    counts = count_parameters(model)
+    attention = 4 * 16 * (4096 + 4096)
+    experts = 8 * 3 * 16 * (4096 + 11008)
+    router = 8 * 4096
+    assert counts["trainable"] == 32 * (attention + experts + router) == 203_423_744
+    assert counts["base"] == 6_738_415_616  # LLaMA-2-7B
+    assert 0.029 < counts["trainable"] / counts["base"] < 0.031
+
+
+def test_refuses_to_merge_and_says_why():
+    model, _ = mixlora_model()
+    with pytest.raises(MergeError, match="input-dependent top-k routing"):
+        merge(model)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"num_experts": 2, "top_k": 3}, r"top_k \(3\) must be <= num_experts \(2\)"),
+    ({"num_experts": 0}, r"num_experts \(0\)"),
+    ({"aux_loss_reduction": "sum"}, "aux_loss_reduction"),
+    ({"router_aux_loss_coef": -1.0}, "router_aux_loss_coef"),
+    ({"jitter_noise": 1.5}, "jitter_noise"),
+    ({"expert_r": 0}, r"expert_r \(0\)"),
+    ({"expert_dropout": 1.0}, "expert_dropout"),
+    ({"target_modules": ["q_proj", "up_proj"]}, r"must not name the FFN projections \['up_proj'\]"),
+    ({"target_modules": "all-linear"}, "target_modules"),
+    ({"up_proj": "gate_proj"}, "must be distinct"),
+])
+def test_bad_values_name_the_field(values, message):
+    with pytest.raises(AdapterConfigError, match=message):
+        MixLoraConfig(**values)
+
+
+def test_unknown_ffn_module_names_the_field():
+    model, _ = tiny_model()
+    with pytest.raises(AdapterConfigError, match=r"ffn_module \('ffn'\) matches no module"):
+        inject(model, MixLoraConfig(ffn_module="ffn"))
+
+
+def test_training_run_records_routing(tmp_path):
+    # lm-eval is covered by test_training; here the run must train, validate and fill results.json's routing
+    run(compose_config("model=tiny_random", "data=tiny", "adapter=mixlora", "trainer.max_steps=3", "logger=csv",
+                       "callbacks=none", "eval.enabled=false", "data.max_heldout_examples=4",
+                       f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["label"] == "mixlora [official-code-parity]" and results["mergeable"] is False
+    assert "routing/model.layers.1.mlp/entropy" in results["routing"]["train"]
+    assert 0 < results["routing"]["heldout"]["routing/entropy"] <= 1
+    assert results["parameters"]["trainable"] == 2 * (4 * 16 * 128 + 8 * 3 * 16 * (64 + 128) + 8 * 64)
