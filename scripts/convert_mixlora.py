@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from moelab.adapters import config_from_dict
 from moelab.adapters.mixlora import from_official, write_official
 from moelab.modules.runs import read_adapter_meta
-from moelab.modules.training import _save_adapter
+from moelab.modules.training import save_adapter
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -38,7 +38,7 @@ def from_official_folder(official_dir: Path, run_dir: Path, model: str) -> None:
         cfg = compose(config_name="train", overrides=[f"model={model}", "adapter=mixlora"])
     base = instantiate(cfg.model)
     adapter = from_official(base.model, official_dir)
-    _save_adapter(run_dir / "adapter", base, adapter, cfg)
+    save_adapter(run_dir / "adapter", base, adapter, cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,16 @@ def tiny_model(seed: int = 0, **sizes):
     return base.model, base.tokenizer
 
 
+def randomize_adapter(model, scale: float = 0.3, seed: int = 1) -> None:
+    """Random values in every adapter tensor, so that equivalence checks compare non-trivial updates."""
+    from moelab.adapters import adapter_parameters
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in adapter_parameters(model):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
 def token_batch(batch: int = 2, seq: int = 12, vocab: int = 260, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(4, vocab, (batch, seq), generator=generator)

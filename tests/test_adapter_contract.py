@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import CONF, compose_config, tiny_model, token_batch
+from conftest import CONF, compose_config, randomize_adapter, tiny_model, token_batch
 
 from moelab.adapters import (
     MergeError,
@@ -45,12 +45,7 @@ def injected(name: str, seed: int = 0):
     return model, adapter
 
 
-def perturb(model, scale: float = 0.3, seed: int = 1) -> None:
-    """Random values in every adapter tensor, so that equivalence checks compare non-trivial updates."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in adapter_parameters(model):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+perturb = randomize_adapter
 
 
 def logits(model, batch) -> torch.Tensor:

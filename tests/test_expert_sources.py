@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config, tiny_model, token_batch
+from conftest import compose_config, randomize_adapter, tiny_model, token_batch
 from omegaconf import OmegaConf
 
 from moelab.adapters import (
@@ -24,7 +24,7 @@ from moelab.adapters.lora import LoraConfig
 from moelab.adapters.lora_mixer import LoraMixerConfig
 from moelab.adapters.mole import MoleConfig
 from moelab.modules.models import build_tiny_random
-from moelab.modules.training import _save_adapter, run
+from moelab.modules.training import run, save_adapter
 
 PEFT_A = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 2},
           "alpha_pattern": {"layers.1.self_attn.q_proj": 3}}
@@ -51,12 +51,9 @@ def save_moelab_lora(run_dir, seed: int, targets=("q_proj", "v_proj")):
     """A moelab run folder of method lora (written by the trainer's own writer) with random weights."""
     base = build_tiny_random()
     adapter = inject(base.model, LoraConfig(target_modules=list(targets), r=8, lora_alpha=16))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in adapter_parameters(base.model):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    randomize_adapter(base.model, scale=0.2, seed=seed)
     cfg = OmegaConf.create({"model": {"_target_": "moelab.modules.models.build_tiny_random"}})
-    _save_adapter(run_dir / "adapter", base, adapter, cfg)
+    save_adapter(run_dir / "adapter", base, adapter, cfg)
     return base.model.eval()
 
 

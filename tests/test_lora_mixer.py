@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import randomize_adapter, tiny_model, token_batch
 from torch import nn
 
-from moelab.adapters import AdapterConfigError, adapter_layers, adapter_parameters, inject, routed_modules
+from moelab.adapters import AdapterConfigError, adapter_layers, inject, routed_modules
 from moelab.adapters.composition import HARD, SOFT, composed_layers
 from moelab.adapters.lora import LoraConfig
 from moelab.adapters.lora_mixer import LoraMixer, LoraMixerConfig, rsl_loss
@@ -23,10 +23,7 @@ def mixer(stage=SOFT, **fields):
     model, _ = tiny_model()
     adapter = inject(model, LoraMixerConfig(experts={"tasks": TASKS, "lora_dropout": 0.0}, **fields))
     adapter.enter_stage(model, stage)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, parameter in adapter_parameters(model):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    randomize_adapter(model)
     return model, adapter
 
 

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model, token_batch
+from conftest import randomize_adapter, tiny_model, token_batch
 from torch import nn
 
-from moelab.adapters import AdapterConfigError, adapter_layers, adapter_parameters, inject, routed_modules
+from moelab.adapters import AdapterConfigError, adapter_layers, inject, routed_modules
 from moelab.adapters.composition import SOFT, ComposedLinear, composed_layers
 from moelab.adapters.experts import LoraExperts
 from moelab.adapters.lora import LoraConfig
@@ -36,10 +36,7 @@ def soft_model(**fields):
     model, _ = tiny_model()
     adapter = inject(model, MoleConfig(experts={"tasks": TASKS, "lora_dropout": 0.0}, **fields))
     adapter.enter_stage(model, SOFT)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, parameter in adapter_parameters(model):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    randomize_adapter(model)
     return model, adapter
 
 

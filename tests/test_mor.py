@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config, tiny_model, token_batch
+from conftest import compose_config, randomize_adapter, tiny_model, token_batch
 
 from moelab.adapters import (
     AdapterConfigError,
     MergeError,
-    adapter_parameters,
     adapter_state_dict,
     config_from_dict,
     inject,
@@ -28,10 +27,7 @@ from moelab.modules.training import run
 
 
 def randomize(model, scale: float = 0.05, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in adapter_parameters(model):
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    randomize_adapter(model, scale, seed)
 
 
 def forward(model, adapter, batch):

@@ -155,7 +155,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
         # 5. Save the adapter and the routing statistics before anything is merged away.
         if trainer.is_global_zero:
-            _save_adapter(out_dir / "adapter", base, adapter, cfg)
+            save_adapter(out_dir / "adapter", base, adapter, cfg)
             torch.save({"tasks": datamodule.task_names, "method": adapter.label,
                         "train": module.routing["train"].state_dict(),
                         "heldout": module.routing["heldout"].state_dict()}, out_dir / "routing.pt")
@@ -211,7 +211,7 @@ def _finish_wandb(exc_type, exc, tb) -> None:
         wandb.finish(exit_code=0 if exc_type is None else 1)
 
 
-def _save_adapter(folder: Path, base, adapter, cfg: DictConfig) -> None:
+def save_adapter(folder: Path, base, adapter, cfg: DictConfig) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
