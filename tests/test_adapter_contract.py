@@ -211,3 +211,13 @@ def test_finite_in_bfloat16(name, batch):
     model.to(torch.bfloat16)
     out = logits(model, batch)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_layers_to_transform_limits_every_method_to_those_layers(name):
+    model, _ = tiny_model()
+    config = default_config(name)
+    config = type(config)(**{**config.to_dict(), "layers_to_transform": [1]})
+    inject(model, config)
+    sites = [site for site, _ in adapter_parameters(model)]
+    assert sites and all(".layers.1." in site for site in sites), sites[:3]

@@ -65,7 +65,9 @@ def test_experiment_smoke_run(experiment, tmp_path, tmp_path_factory):
     method = method_of(experiment, option)
     single_task = "data.tasks" in sweep_params(experiment)
     tasks = TINY_TASKS[:1] if single_task else TINY_TASKS
-    budget = ["budget.reference.r=4"] if compose_config(f"experiment={experiment}").get("budget") else []
+    composed = compose_config(f"experiment={experiment}")
+    budget = ["budget.reference.r=4"] if composed.get("budget") else []
+    budget += ["top_layers=[1]"] if "top_layers" in composed else []  # the tiny model has two layers
     cfg = compose_config(f"experiment={experiment}", f"adapter={option}", "model=tiny_random", "data=tiny",
                          f"data.tasks=[{','.join(tasks)}]", "trainer=default", "trainer.max_steps=2", "eval.limit=4",
                          "data.max_heldout_examples=4", *budget, "logger=csv", f"paths.output_dir={tmp_path}",

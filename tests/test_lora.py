@@ -120,3 +120,14 @@ def test_loaded_expert_of_smaller_rank_is_zero_padded():
     torch.testing.assert_close(experts.expert_delta(x, 1), 3.0 * x @ a.T @ b.T)
     with pytest.raises(ValueError, match="does not fit"):
         experts.load_expert(0, torch.randn(5, 6), torch.randn(5, 5), 1.0)
+
+
+def test_layers_to_transform_selects_decoder_layers():
+    model, _ = tiny_model()
+    inject(model, LoraConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]))
+    assert [name for name, _ in adapter_layers(model)] == ["model.layers.1.self_attn.q_proj",
+                                                           "model.layers.1.self_attn.v_proj"]
+    with pytest.raises(AdapterConfigError, match=r"layers_to_transform \(\[5\]\) selects no target"):
+        inject(tiny_model()[0], LoraConfig(layers_to_transform=[5]))
+    with pytest.raises(AdapterConfigError, match="layers_to_transform"):
+        LoraConfig(layers_to_transform=[-1])

@@ -49,7 +49,7 @@ def demo_sweep(tmp_path_factory):
     (out / "conf" / "adapter" / "broken.yaml").write_text("defaults:\n  - lora\n  - _self_\nr: 0\n")
     sweep_dir = out / "sweep-7f3a"
     completed = train("experiment=offline_commonsense", f"adapter={','.join(demo)},broken", "seed=0", *TINY,
-                      "budget.reference.r=4",  # the demo's budget, scaled down with the model
+                      "budget.reference.r=4", "top_layers=[1]",  # the demo's budget and layers, scaled down
                       f"hydra.sweep.dir={sweep_dir}", f"hydra.searchpath=[file://{out / 'conf'}]",
                       f"paths.cache_dir={out / 'cache'}")
     jobs = {json.loads((folder / "results.json").read_text())["status"] + ":" + folder.name.split("_", 1)[1]: folder

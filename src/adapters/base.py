@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import pkgutil
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -55,8 +56,16 @@ class AdapterConfig:
     # Module names matched against the end of each module path (``q_proj`` matches
     # ``model.layers.3.self_attn.q_proj``), or "all-linear" for every nn.Linear except the LM head.
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Decoder-layer indices to adapt (PEFT's name); None = every layer. Adapting only the top layers also
+    # stops the backward pass there, which is what makes short CPU runs affordable.
+    layers_to_transform: list[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.layers_to_transform is not None:
+            self.layers_to_transform = list(self.layers_to_transform)
+            require(len(self.layers_to_transform) > 0 and all(isinstance(i, int) and i >= 0
+                                                              for i in self.layers_to_transform),
+                    f"layers_to_transform ({self.layers_to_transform}) must be null or non-negative layer indices")
         if isinstance(self.target_modules, str):
             require(self.target_modules == ALL_LINEAR,
                     f"target_modules ({self.target_modules!r}) must be a list of module names or "
@@ -186,7 +195,8 @@ class Adapter:
 
     def target_names(self, model: nn.Module) -> list[str]:
         """Paths of the modules this method wraps or replaces; fails when a target matches nothing."""
-        return match_linear_targets(model, self.config.target_modules)
+        return in_selected_layers(match_linear_targets(model, self.config.target_modules),
+                                  self.config.layers_to_transform)
 
     def make_layer(self, name: str, module: nn.Module) -> AdapterModule:
         raise NotImplementedError(f"{type(self).__name__} must implement make_layer or inject")
@@ -290,6 +300,20 @@ def match_linear_targets(model: nn.Module, target_modules: list[str] | str) -> l
                 f"(linear names there: {sorted({n.rsplit('.', 1)[-1] for n in linears})})")
     require(bool(matched), f"target_modules {target_modules!r} match no module of {type(model).__name__}")
     return matched
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def in_selected_layers(names: list[str], layers: list[int] | None) -> list[str]:
+    """The ``names`` inside the decoder layers ``layers`` (``...layers.<i>....``); all of them when None."""
+    if layers is None:
+        return names
+    indices = {name: _LAYER_INDEX.search(name) for name in names}
+    kept = [name for name, match in indices.items() if match and int(match.group(1)) in layers]
+    present = sorted({int(match.group(1)) for match in indices.values() if match})
+    require(bool(kept), f"layers_to_transform ({layers}) selects no target: the targets sit in layers {present}")
+    return kept
 
 
 def _suffix_match(name: str, target: str) -> bool:

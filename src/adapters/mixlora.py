@@ -66,6 +66,7 @@ from .base import (
     AdapterModule,
     adapter_state_dict,
     base_modules,
+    in_selected_layers,
     inject,
     load_adapter_state_dict,
     register,
@@ -274,6 +275,7 @@ class MixLora(Adapter):
         config = self.config
         names = [name for name, _ in base_modules(model) if name.rsplit(".", 1)[-1] == config.ffn_module]
         require(bool(names), f"ffn_module ({config.ffn_module!r}) matches no module of {type(model).__name__}")
+        names = in_selected_layers(names, config.layers_to_transform)
         for name in names:
             mlp = model.get_submodule(name)
             missing = [p for p in config.ffn_projections if not isinstance(getattr(mlp, p, None), nn.Linear)]

@@ -160,7 +160,8 @@ def host_class(host: str) -> type[Adapter]:
 @dataclass(kw_only=True)
 class MorConfig(AdapterConfig):
     """The host, its config overrides, and MoR's own flags. Target modules belong to the host
-    (``host_config.target_modules``); MoR's own ``target_modules`` must stay unset."""
+    (``host_config.target_modules``); MoR's own ``target_modules`` must stay unset. ``layers_to_transform``
+    is passed on to the host."""
 
     target_modules: list[str] | str | None = None
     host: str = "mixlora"
@@ -174,6 +175,10 @@ class MorConfig(AdapterConfig):
         # AdapterConfig's target check does not apply: the host's config carries and checks the targets
         require(self.target_modules is None,
                 f"target_modules ({self.target_modules!r}): set the targets in host_config, MoR routes the host's")
+        if self.layers_to_transform is not None:  # one override adapts the same layers for every method
+            require(self.host_config.get("layers_to_transform") in (None, self.layers_to_transform),
+                    "layers_to_transform: set it here or in host_config, not differently in both")
+            self.host_config = {**self.host_config, "layers_to_transform": list(self.layers_to_transform)}
         require(isinstance(self.num_routers, int) and self.num_routers >= 1,
                 f"num_routers ({self.num_routers}) must be a positive integer")
         require(self.combine in COMBINES, f"combine ({self.combine!r}) must be one of {COMBINES}")

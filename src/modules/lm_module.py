@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.adapters import Adapter, adapter_state_dict, load_adapter_state_dict, routed_modules
@@ -53,11 +54,19 @@ class AdapterLM(L.LightningModule):
             return batch["labels"] != -100
         return batch["attention_mask"].bool()
 
-    def forward(self, batch: dict[str, Tensor]):
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """The token cross-entropy of the batch (mean over supervised tokens, as transformers computes it).
+
+        The LM head runs only at positions whose next token is a target in some row (``logits_to_keep``):
+        with the loss on answers only, most positions are prompt, and the head (49k–128k outputs per token)
+        and its [batch, seq, vocab] logits are a large share of a small model's step and memory."""
         prompt_mask = batch["attention_mask"].bool() & (batch["labels"] == -100)
         self.adapter.set_context(self.model, batch["task_ids"], self._token_mask(batch), prompt_mask)
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"])
+        targets = batch["labels"][:, 1:]
+        keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            logits_to_keep=keep).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100)
 
     def _record_routing(self, batch: dict[str, Tensor], *stats: RoutingStatistics) -> None:
         records = [(name, module.routing) for name, module in routed_modules(self.model)]
@@ -84,15 +93,15 @@ class AdapterLM(L.LightningModule):
             self.print(f"[moelab] step {self.global_step}: adapter stage {self.stage!r}")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        output = self(batch)
+        cross_entropy = self(batch)
         aux = self.adapter.aux_losses(self.model)
-        loss = output.loss + sum(aux.values(), torch.zeros((), device=output.loss.device))
+        loss = cross_entropy + sum(aux.values(), torch.zeros((), device=cross_entropy.device))
         if not torch.isfinite(loss):
-            parts = {"cross-entropy": output.loss.item(), **{k: v.item() for k, v in aux.items()}}
+            parts = {"cross-entropy": cross_entropy.item(), **{k: v.item() for k, v in aux.items()}}
             raise FloatingPointError(f"non-finite training loss ({loss.item()}) at step {self.global_step}: {parts}")
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/ce", output.loss, batch_size=batch_size)
+        self.log("train/ce", cross_entropy, batch_size=batch_size)
         for name, value in aux.items():
             self.log(f"train/aux/{name}", value, batch_size=batch_size)
         self._record_routing(batch, self.routing["train"], self.routing["window"])
@@ -139,10 +148,10 @@ class AdapterLM(L.LightningModule):
     # -- held-out -----------------------------------------------------------------------------------------
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        output = self(batch)
-        self.log("val/ce", output.loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        cross_entropy = self(batch)
+        self.log("val/ce", cross_entropy, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         self._record_routing(batch, self.routing["heldout"])
-        return output.loss
+        return cross_entropy
 
     def on_validation_epoch_start(self) -> None:
         self.routing["heldout"] = RoutingStatistics(self.routing["heldout"].num_tasks)
