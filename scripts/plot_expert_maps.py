@@ -3,7 +3,8 @@
     python scripts/plot_expert_maps.py RUN_DIR [RUN_DIR ...] [--split train|heldout] [--per-site] [--out DIR]
 
 Reads RUN_DIR/routing.pt and writes one PNG per kind ("load", "importance") into RUN_DIR/plots (or --out).
-Runs of methods that do not route are reported and skipped.
+Runs of methods that do not route, and folders without routing statistics (a failed job), are reported and
+skipped; the exit status is 1 only when no folder could be read.
 """
 
 import argparse
@@ -24,13 +25,19 @@ def main() -> int:
     if args.out is not None and len(args.run_dirs) > 1:
         parser.error("--out takes one RUN_DIR; with several runs the maps go into each RUN_DIR/plots")
 
+    unreadable = 0
     for run_dir in args.run_dirs:
-        paths = write_expert_maps(run_dir, args.out, args.split, args.per_site)
+        try:
+            paths = write_expert_maps(run_dir, args.out, args.split, args.per_site)
+        except FileNotFoundError as error:  # a failed job of a sweep: its folder says why; go on with the others
+            print(f"[moelab] {run_dir}: skipped, {error}", file=sys.stderr)
+            unreadable += 1
+            continue
         if not paths:
             print(f"[moelab] {run_dir}: no routing statistics ({args.split}); the method does not route")
         for path in paths:
             print(f"[moelab] expert map: {path}")
-    return 0
+    return 1 if unreadable == len(args.run_dirs) else 0
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ class BudgetPlan:
 
     def rule(self, target: int) -> str:
         values = self.reference.to_dict()
-        shown = ", ".join(f"{key}={values[key]}" for key in ("r", "target_modules") if key in values)
+        shown = ", ".join(f"{key}={values[key]}" for key in ("r", "target_modules", "layers_to_transform")
+                          if values.get(key) is not None)
         return f"trainable parameters matched to {self.reference_name}({shown}) = {target:,}"
 
     def fit(self, model: nn.Module) -> tuple[AdapterConfig, dict[str, Any]]:

@@ -29,12 +29,14 @@ from moelab.adapters.routing import RoutingStatistics
 class AdapterLM(L.LightningModule):
     def __init__(self, model: nn.Module, adapter: Adapter, optimizer: Callable, scheduler: Callable | None = None,
                  num_tasks: int = 1, routing_log_every: int = 50, routing_per_layer: bool = False,
-                 routing_tokens: str = "attention") -> None:
+                 routing_tokens: str = "attention", activation_checkpointing: bool = False) -> None:
         super().__init__()
         if routing_tokens not in ("attention", "answer"):
             raise ValueError(f"module.routing_tokens ({routing_tokens!r}) must be 'attention' or 'answer'")
         self.model = model
         self.adapter = adapter
+        if activation_checkpointing:  # recomputes decoder layers in backward; routing is recorded once per step
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.routing_log_every, self.routing_per_layer = routing_log_every, routing_per_layer
         self.routing_tokens = routing_tokens
