@@ -123,3 +123,16 @@ def test_lm_eval_configs_point_at_the_heldout_files(tmp_path):
     assert len(Path(path).read_text().splitlines()) == 5
     assert configs["moelab_tiny_parity"]["doc_to_choice"] == "{{choices}}"
     assert configs["moelab_winogrande"]["doc_to_choice"] == "{{contexts}}"
+
+
+def test_length_grouped_batches_cover_every_example_once_with_little_padding():
+    from moelab.data.datamodule import LengthGroupedBatches
+
+    lengths = [(7 * i) % 50 + 5 for i in range(203)]
+    sampler = LengthGroupedBatches(lengths, batch_size=8, seed=0)
+    batches = list(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(203)) and len(batches) == len(sampler)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    assert padded < 1.1 * sum(lengths), "batches of similar lengths"
+    assert list(LengthGroupedBatches(lengths, 8, seed=0)) == batches, "deterministic for a seed"
+    assert list(sampler) != batches, "a new order every epoch"

@@ -13,7 +13,8 @@ which routing statistics (per-task activation maps) and hard routing by task use
 * **Truncation.** Sequences longer than ``max_length`` lose tokens from the left, so the answer survives.
 * **Tokens.** No special tokens are added, as lm-eval's HFLM encodes causal-LM contexts; the answer starts
   with lm-eval's target delimiter " ", so training and scoring see the same strings.
-* **Order.** The mixture is shuffled by a generator seeded with ``seed``; padding is dynamic per batch.
+* **Order.** The mixture is shuffled by a generator seeded with ``seed``; padding is dynamic per batch, and
+  with ``group_by_length`` (default) batches hold examples of similar length, which removes most padding.
 
 The held-out examples are written as JSON lines into the run folder and scored there by lm-eval through the
 task templates in ``lm_eval_tasks/``.
@@ -43,6 +44,32 @@ def prompt_and_answer(example: dict) -> tuple[str, str]:
     return example["query"], " " + example["choices"][example["gold"]]
 
 
+class LengthGroupedBatches:
+    """Shuffled batches of similar-length examples (like HF Trainer's ``group_by_length``): the epoch's
+    shuffled order is cut into windows of ``window`` batches, each window is sorted by length and split into
+    batches, and the batches are shuffled again. Padding, which costs full compute on a CPU, nearly vanishes
+    while every batch stays a random draw from a window. Deterministic for a seed; a new order each epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 16) -> None:
+        self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size, seed, window
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=self.lengths.__getitem__, reverse=True)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        for index in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[index]
+
+
 def lm_eval_task_configs(heldout_files: dict[str, Path]) -> list[dict[str, Any]]:
     """One lm-eval task config per held-out file (``moelab_<task>``), from the template of its example kind."""
     configs = []
@@ -61,7 +88,7 @@ class TaskMixtureDataModule(L.LightningDataModule):
                  max_train_examples: int | None = None, max_heldout_examples: int | None = None,
                  split_seed: int = 0, max_length: int = 256, batch_size: int = 8, eval_batch_size: int | None = None,
                  loss_on_answer_only: bool = True, append_eos: bool = True, num_workers: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, group_by_length: bool = True) -> None:
         super().__init__()
         if not tasks:
             raise ValueError("data.tasks must name at least one task")
@@ -84,7 +111,7 @@ class TaskMixtureDataModule(L.LightningDataModule):
         self.max_length, self.batch_size = max_length, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.loss_on_answer_only, self.append_eos = loss_on_answer_only, append_eos
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.group_by_length = num_workers, seed, group_by_length
         self.tokenizer = None
         self.train_examples: list[tuple[int, dict]] = []
         self.heldout_examples: list[tuple[int, dict]] = []
@@ -173,6 +200,11 @@ class TaskMixtureDataModule(L.LightningDataModule):
         return batch
 
     def train_dataloader(self) -> DataLoader:
+        if self.group_by_length:
+            sampler = LengthGroupedBatches([len(item["input_ids"]) for item in self.train_items], self.batch_size,
+                                           self.seed)
+            return DataLoader(self.train_items, batch_sampler=sampler, collate_fn=self.collate,
+                              num_workers=self.num_workers)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_items, batch_size=self.batch_size, shuffle=True, generator=generator,
                           collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
