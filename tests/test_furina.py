@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import randomize_adapter, tiny_model, token_batch
 from torch import nn
 
 import moelab.adapters.furina as furina
@@ -273,3 +273,18 @@ def test_plain_eval_forward_computes_no_activations(monkeypatch):
 def test_bad_values_name_the_field(fields, message):
     with pytest.raises(AdapterConfigError, match=message):
         FurinaConfig(**fields)
+
+
+def test_inference_reuses_the_normalised_experts_until_the_weights_change():
+    model, _ = tiny_model()
+    inject(model, FurinaConfig())
+    randomize_adapter(model, scale=0.1)
+    layer = next(layer for _, layer in adapter_layers(model))
+    with torch.no_grad():
+        first = layer.inference_B()
+        assert layer.inference_B() is first, "cached while nothing changed"
+        torch.testing.assert_close(first, layer.effective_B())
+        layer.magnitude.add_(1.0)  # an optimiser step updates in place
+        second = layer.inference_B()
+    assert second is not first
+    torch.testing.assert_close(second, layer.effective_B())

@@ -186,9 +186,20 @@ class FurinaLinear(AdapterLayer):
 
     # -- forward -------------------------------------------------------------------------------------------
 
+    def inference_B(self) -> Tensor:
+        """:meth:`effective_B`, cached while the weights stay as they are: without autograd (lm-eval,
+        generation) the normalisation is weight-side work that would otherwise be redone for every token.
+        The key holds the tensors' version counters, which every in-place update (optimiser step,
+        ``load_state_dict``) advances, and their storage, which ``.to()`` replaces."""
+        tensors = (self.experts.lora_A, self.experts.lora_B, *([self.magnitude] if self.num_self_routing else []))
+        key = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
+        if getattr(self, "_inference_key", None) != key:
+            self._inference_key, self._inference_B = key, self.effective_B()
+        return self._inference_B
+
     def adapted_forward(self, x: Tensor) -> Tensor:
         h = self.experts.down(x)  # [..., N, r]: every expert's A_j x
-        b = self.effective_B()
+        b = self.effective_B() if torch.is_grad_enabled() else self.inference_B()
         out = self.base_layer(x) + self.experts.up(h, b).to(x.dtype)
         self.routing, self.losses = None, {}
         if self.num_self_routing:
