@@ -1,6 +1,7 @@
 """MixLoRA (methods.md §3): fast path vs the per-expert loop, parity with the official `mixlora` package on
-identical weights (layer and whole model, fp32 and fp64), checkpoint conversion both ways, the balance
-loss on hand-computed cases, the LLaMA-2-7B parameter count, config validation."""
+identical weights (layer and whole model, fp32 and fp64), checkpoint conversion both ways and what it refuses,
+fp32 routing and mixing under bf16, experts only (no attention LoRA), the balance loss on hand-computed
+cases, the LLaMA-2-7B parameter count, config validation."""
 
 import copy
 import importlib.util
@@ -9,8 +10,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT, compose_config, tiny_model, token_batch
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
+from torch import nn
 
 from moelab.adapters import (
     AdapterConfigError,
@@ -22,15 +26,18 @@ from moelab.adapters import (
     merge,
 )
 from moelab.adapters.base import AdapterModule, BatchContext
+from moelab.adapters.lora import LoraConfig, LoraLinear
 from moelab.adapters.mixlora import (
     MixLoraConfig,
     MixLoraFFN,
     balance_losses,
     from_official,
+    from_official_config,
     to_official,
     to_official_config,
     to_official_state,
 )
+from moelab.adapters.mor import PerLinearConfig
 from moelab.adapters.routing import Routing
 from moelab.modules.training import run
 
@@ -109,6 +116,44 @@ def test_jitter_only_in_training():
     assert not torch.allclose(layer.train()(x), reference), "training mode multiplies the input by U(1-ε, 1+ε)"
 
 
+def test_routing_is_fp32_under_bf16_autocast():
+    model, _ = mixlora_model(num_experts=4)
+    randomize(model)
+    layer = model.model.layers[0].mlp.eval()
+    x = torch.randn(1, 7, 64)
+    with torch.no_grad():
+        layer(x)
+        reference = layer.routing
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):  # what bf16-mixed trainers run under
+            layer(x)
+    assert layer.routing.probs.dtype == torch.float32 and layer.routing.logits.dtype == torch.float32
+    torch.testing.assert_close(layer.routing.probs, reference.probs, rtol=0, atol=0)
+
+
+def test_bf16_base_sums_the_expert_mix_in_fp32_before_w2():
+    model, _ = tiny_model()
+    model.to(torch.bfloat16)
+    torch.manual_seed(0)
+    inject(model, MixLoraConfig(num_experts=4, top_k=2))
+    randomize(model)
+    layer = model.model.layers[0].mlp.eval()
+    assert layer.router.weight.dtype == torch.float32 and layer.experts["up_proj"].lora_A.dtype == torch.float32
+    seen = []
+    hook = layer.base_layer.down_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.randn(64, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
+        hook.remove()
+        weights, routing = layer.router(x)
+        slots = F.one_hot(routing.selected, 4)
+        act = layer.base_layer.act_fn(layer._slot_projection(0, x, slots)) * layer._slot_projection(1, x, slots)
+        slot_weights = weights.gather(-1, routing.selected)  # fp32
+    assert act.dtype == torch.bfloat16
+    # the official code weights each expert's output and accumulates in fp32; the mix is rounded once
+    expected = (slot_weights.unsqueeze(-1) * act.float()).sum(dim=1).to(torch.bfloat16)
+    assert torch.equal(seen[0], expected)
+
+
 # ------------------------------------------------------------------------------------- official parity
 
 
@@ -147,24 +192,29 @@ def test_layer_matches_official_mixlora_sparse_moe(dtype, rtol, atol):
     assert ours.routing.selected.unique().numel() > 1, "the router must really route"
 
 
-def test_whole_model_matches_official_loader(tmp_path):
+@pytest.mark.parametrize("target_modules", [["q_proj", "k_proj", "v_proj", "o_proj"], []])  # []: experts only
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_whole_model_matches_official_loader(tmp_path, dtype, tolerance, target_modules):
     from mixlora.model import inject_adapter_in_model, load_adapter_weights
 
-    model, _ = mixlora_model()
+    model, _ = mixlora_model(target_modules=target_modules)
     randomize(model)
+    model.to(dtype)
     batch = token_batch(batch=2, seq=12)
     ours = logits(model, batch)
     to_official(model, tmp_path, base_model="tiny_random")
-    config, weights = load_adapter_weights(str(tmp_path), device="cpu", dtype=torch.float32)
+    config, weights = load_adapter_weights(str(tmp_path), device="cpu", dtype=dtype)
     official, _ = tiny_model()
+    official.to(dtype)
     inject_adapter_in_model(official, config, weights)
     for layer in official.model.layers:
         for lora in layer.mlp.mixlora_moes["default"].experts_.values():
             lora.eval()  # the package keeps experts in a plain dict, out of model.eval()'s reach
     theirs = logits(official, batch)
     base, _ = tiny_model()
-    assert (theirs - logits(base, batch)).abs().max() > 0.1, "the adapter must change the logits"
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert (theirs - logits(base.to(dtype), batch)).abs().max() > 0.1, "the adapter must change the logits"
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance)
 
 
 def test_official_checkpoint_round_trip(tmp_path):
@@ -200,6 +250,81 @@ def test_import_rejects_missing_and_extra_tensors(tmp_path):
         from_official(tiny_model()[0], folder)
 
 
+@pytest.mark.parametrize("extra", [{"use_dora": True}, {"expert_lora": {"r": 8, "use_dora": True}}])
+def test_import_refuses_mixdora(extra):
+    values = {**to_official_config(MixLoraConfig(), base_model="x"), **extra}
+    with pytest.raises(AdapterConfigError, match=r"use_dora: true \(MixDoRA\) does not convert"):
+        from_official_config(values)
+
+
+def test_import_router_loss_false_switches_the_balance_loss_off():
+    values = to_official_config(MixLoraConfig(router_aux_loss_coef=0.01), base_model="x")
+    assert from_official_config(values).router_aux_loss_coef == 0.01
+    assert from_official_config({**values, "router_loss": False}).router_aux_loss_coef == 0.0
+
+
+def test_export_refuses_layers_to_transform(tmp_path):
+    model, _ = mixlora_model(layers_to_transform=[1])
+    with pytest.raises(AdapterConfigError, match=r"layers_to_transform \(\[1\]\): the official MixLoRA format "
+                                                 "has no per-layer selection"):
+        to_official(model, tmp_path / "official", base_model="tiny_random")
+    assert not (tmp_path / "official").exists(), "nothing is written"
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"lora_dropout": 0.0}, r"lora_dropout \(0.0\) must be > 0 to export"),
+    ({"lora_alpha": 24.5}, r"lora_alpha \(24.5\) must be an integer to export"),
+    ({"expert_alpha": 8.5}, r"expert_alpha \(8.5\) must be an integer to export"),
+])
+def test_export_refuses_what_the_official_package_asserts_on(values, message):
+    with pytest.raises(AdapterConfigError, match=message):
+        to_official_config(MixLoraConfig(**values), base_model="x")
+
+
+def test_the_official_package_asserts_on_zero_dropout_and_fractional_alpha():
+    # why the export refuses them: the package's own checks (config.py LoraConfig.check, LoraLinear.__init__)
+    from mixlora.config import MixLoraConfig as OfficialConfig
+    from mixlora.lora_linear import LoraLinear as OfficialLora
+
+    values = to_official_config(MixLoraConfig(), base_model="x")
+    with pytest.raises(AssertionError):
+        OfficialConfig.from_config({**values, "lora_alpha": 24.5}).check()
+    config = OfficialConfig.from_config({**values, "lora_dropout": 0.0})
+    config.dtype_ = torch.float32
+    with pytest.raises(AssertionError):
+        OfficialLora(nn.Linear(4, 4), config.check())
+
+
+def test_export_reads_hidden_activation_before_hidden_act(tmp_path):
+    model, _ = mixlora_model()
+    model.config.hidden_activation = "gelu_pytorch_tanh"  # Gemma-2's field; hidden_act stays LLaMA's "silu"
+    folder = to_official(model, tmp_path / "gemma", base_model="x")
+    assert json.loads((folder / "adapter_config.json").read_text())["act_fn"] == "gelu_pytorch_tanh"
+    folder = to_official(model, tmp_path / "override", base_model="x", act_fn="gelu")
+    assert json.loads((folder / "adapter_config.json").read_text())["act_fn"] == "gelu"
+
+
+def test_experts_only_has_no_attention_lora_and_round_trips(tmp_path):
+    model, adapter = mixlora_model(target_modules=[], num_experts=4)
+    randomize(model)
+    layer = model.model.layers[0]
+    assert type(layer.self_attn.q_proj) is nn.Linear and isinstance(layer.mlp, MixLoraFFN)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert count_parameters(model)["trainable"] == 2 * (4 * 3 * 16 * (64 + 128) + 4 * 64)
+    folder = to_official(model, tmp_path, base_model="tiny_random")
+    assert json.loads((folder / "adapter_config.json").read_text())["target_modules"] == [
+        "gate_proj", "up_proj", "down_proj"]
+    reloaded, _ = tiny_model()
+    assert from_official(reloaded, folder).config == adapter.config
+    torch.testing.assert_close(logits(reloaded, token_batch()), logits(model, token_batch()), rtol=0, atol=0)
+
+
+def test_other_methods_keep_the_non_empty_target_rule():
+    for config_class in (LoraConfig, PerLinearConfig):
+        with pytest.raises(AdapterConfigError, match="target_modules must not be empty"):
+            config_class(target_modules=[])
+
+
 def test_expert_override_changes_expert_rank_and_warns_on_export():
     model, adapter = mixlora_model(expert_r=4, expert_alpha=8)
     layer = model.model.layers[0]
@@ -211,24 +336,62 @@ def test_expert_override_changes_expert_rank_and_warns_on_export():
     assert values["expert_lora"] == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05}
 
 
-def test_convert_script_round_trip(tmp_path):
+def convert_script():
     spec = importlib.util.spec_from_file_location("convert_mixlora", ROOT / "scripts" / "convert_mixlora.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    model, adapter = mixlora_model(num_experts=2)
-    randomize(model)
-    run = tmp_path / "run" / "adapter"
+    return script
+
+
+def saved_run(folder, model, adapter, model_entry: dict):
+    """A run folder as training writes it: the adapter tensors and adapter_config.json with the model entry."""
+    run = folder / "adapter"
     run.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in adapter_state_dict(model).items()}, str(run / "adapter_model.safetensors"))
-    meta = {"method": "mixlora", "config": adapter.config.to_dict(), "model": {"name": "tiny_random"}}
+    meta = {"method": "mixlora", "config": adapter.config.to_dict(), "model": model_entry}
     (run / "adapter_config.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_convert_script_round_trip(tmp_path):
+    script = convert_script()
+    model, adapter = mixlora_model(num_experts=2)
+    randomize(model)
+    entry = OmegaConf.to_container(compose_config("model=tiny_random").model, resolve=True)
+    saved_run(tmp_path / "run", model, adapter, entry)
     assert script.main(["to-official", str(tmp_path / "run"), str(tmp_path / "official")]) == 0
+    assert json.loads((tmp_path / "official" / "adapter_config.json").read_text())["act_fn"] == "silu"
     assert script.main(["from-official", str(tmp_path / "official"), str(tmp_path / "back"),
                         "--model", "tiny_random"]) == 0
     from moelab.modules.runs import load_trained
 
     base, _ = load_trained(tmp_path / "back")
     torch.testing.assert_close(logits(base.model, token_batch()), logits(model, token_batch()), rtol=0, atol=0)
+
+
+def test_convert_script_takes_the_activation_from_the_runs_model_config(tmp_path):
+    from transformers import LlamaConfig
+
+    script = convert_script()
+    model, adapter = mixlora_model(num_experts=2)
+    pretrained = tmp_path / "base"
+    LlamaConfig(hidden_act="gelu").save_pretrained(pretrained)  # the run's base model folder, its config only
+    entry = {"_target_": "moelab.modules.models.load_pretrained", "name": "gelu_llama", "pretrained": str(pretrained)}
+    run = saved_run(tmp_path / "run", model, adapter, entry)
+
+    def act_fn(*args):
+        out = tmp_path / f"official{len(list(tmp_path.iterdir()))}"
+        assert script.main(["to-official", str(run), str(out), *args]) == 0
+        return json.loads((out / "adapter_config.json").read_text())["act_fn"]
+
+    assert act_fn() == "gelu"
+    assert act_fn("--act-fn", "relu") == "relu"  # an override only
+    missing = saved_run(tmp_path / "missing", model, adapter, {**entry, "pretrained": str(tmp_path / "gone")})
+    with pytest.raises(SystemExit, match="name it with --act-fn"):
+        script.main(["to-official", str(missing), str(tmp_path / "never")])
+    partial = saved_run(tmp_path / "partial", *mixlora_model(layers_to_transform=[0]), entry)
+    with pytest.raises(SystemExit, match="does not export to the official format: layers_to_transform"):
+        script.main(["to-official", str(partial), str(tmp_path / "never")])
 
 
 # ------------------------------------------------------------------------------------- the balance loss
@@ -243,24 +406,26 @@ def site(probs, selected, mask=None) -> AdapterModule:
 
 
 def two_layers(mask):
-    # layer 1: selected 0, 0, 1 (+ padding → 1); layer 2: selected 0, 1, 1 (+ padding → 1); E = 2, k = 1
+    # E = 2, k = 1; layer 1 selects 0, 0, 1 (+ padding → 1), layer 2 selects 0, 0, 0 (+ padding → 1): the real
+    # tokens' F is unequal, so a P masked wrongly (or not at all) changes the value
     return [site([[.75, .25], [.75, .25], [.25, .75], [.1, .9]], [0, 0, 1, 1], mask),
-            site([[.6, .4], [.3, .7], [.4, .6], [.2, .8]], [0, 1, 1, 1], mask)]
+            site([[.6, .4], [.7, .3], [.55, .45], [.2, .8]], [0, 0, 0, 1], mask)]
 
 
 def test_balance_loss_pooled_per_layer_and_padding_by_hand():
     config = MixLoraConfig(num_experts=2, top_k=1, router_aux_loss_coef=0.5)
     mask = [[True, True, True, False]]
-    # pooled over the 6 real tokens: F = (3/6, 3/6), P = (3.05/6, 2.95/6) → 2·(F·P) = 1.0
+    # pooled over the 6 real tokens: F = (5/6, 1/6), P = (3.6/6, 2.4/6) → 2·(5·3.6 + 2.4)/36 = 40.8/36
+    # (P over all 8 tokens instead would give 2·(5·3.9 + 4.1)/48 = 47.2/48)
     pooled = balance_losses(two_layers(mask), config)["load_balance"]
-    torch.testing.assert_close(pooled, torch.tensor(0.5 * 1.0))
-    # per layer: 2·(2/3·1.75/3 + 1/3·1.25/3) = 9.5/9 and 2·(1/3·1.3/3 + 2/3·1.7/3) = 9.4/9 → mean 1.05
+    torch.testing.assert_close(pooled, torch.tensor(0.5 * 40.8 / 36))
+    # per layer: 2·(2/3·1.75/3 + 1/3·1.25/3) = 9.5/9 and 2·(1·1.85/3) = 11.1/9 → mean 20.6/18
     config.aux_loss_reduction = "per_layer"
-    torch.testing.assert_close(balance_losses(two_layers(mask), config)["load_balance"], torch.tensor(0.5 * 1.05))
-    # with the padding counted: F = (3/8, 5/8), P = (3.35/8, 4.65/8) → 2·(3·3.35 + 5·4.65)/64 = 66.6/64
+    torch.testing.assert_close(balance_losses(two_layers(mask), config)["load_balance"], torch.tensor(0.5 * 20.6 / 18))
+    # with the padding counted: F = (5/8, 3/8), P = (3.9/8, 4.1/8) → 2·(5·3.9 + 3·4.1)/64 = 63.6/64
     config.aux_loss_reduction = "pooled"
     torch.testing.assert_close(balance_losses(two_layers(None), config)["load_balance"],
-                               torch.tensor(0.5 * 66.6 / 64))
+                               torch.tensor(0.5 * 63.6 / 64))
 
 
 def test_balance_loss_of_a_collapsed_router_by_hand():

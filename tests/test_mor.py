@@ -20,7 +20,7 @@ from moelab.adapters import (
     registered_adapters,
     routed_modules,
 )
-from moelab.adapters.mixlora import MixLoraFFN
+from moelab.adapters.mixlora import MixLora, MixLoraFFN
 from moelab.adapters.mor import MixtureOfRouters, MorConfig, PerLinear, PerLinearConfig, RoutedLoraLinear
 from moelab.adapters.routing import TopKRouter
 from moelab.modules.training import run
@@ -160,10 +160,7 @@ def balance_by_hand(probs: list, top_k: int, mask) -> torch.Tensor:
 
 def test_host_balance_loss_acts_on_the_combined_p_and_sub_router_balance_by_hand():
     model, adapter = mor_model(sub_router_balance=True, sub_router_balance_coef=0.1)
-    inputs = {}
-    for name, module in model.named_modules():
-        if isinstance(module, MixLoraFFN):
-            module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+    inputs = record_ffn_inputs(model)
     batch = token_batch(batch=2, seq=8)
     forward(model, adapter, batch)
     losses = adapter.aux_losses(model)
@@ -182,6 +179,59 @@ def test_host_balance_loss_acts_on_the_combined_p_and_sub_router_balance_by_hand
     losses["load_balance"].backward()
     router = model.model.layers[0].mlp.router.weight
     assert router.grad[:32].abs().sum() > 0 and router.grad[32:].abs().sum() > 0, "sub- and main routers learn"
+
+
+def sub_balance_by_hand(model, inputs: dict, mask, per_layer: bool) -> torch.Tensor:
+    """The sub-router balance over the sites in ``inputs`` (their FFN inputs), averaged over j."""
+    subs = {name: (x.reshape(-1, 64) @ model.get_submodule(name).router.weight[:32].T).reshape(-1, 4, 8).softmax(-1)
+            for name, x in inputs.items()}
+    per_router = []
+    for j in range(4):
+        if per_layer:
+            per_router.append(torch.stack([balance_by_hand([sub[:, j]], 2, mask) for sub in subs.values()]).mean())
+        else:
+            per_router.append(balance_by_hand([sub[:, j] for sub in subs.values()], 2, mask))
+    return torch.stack(per_router).mean()
+
+
+def record_ffn_inputs(model) -> dict:
+    inputs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MixLoraFFN):
+            module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+    return inputs
+
+
+@pytest.mark.parametrize("reduction", ["pooled", "per_layer"])
+def test_sub_router_balance_reads_this_forwards_records_with_the_host_reduction(reduction):
+    model, adapter = mor_model(sub_router_balance=True, sub_router_balance_coef=1.0,
+                               host_config={"aux_loss_reduction": reduction})
+    inputs = record_ffn_inputs(model)
+    forward(model, adapter, token_batch(batch=2, seq=8, seed=1))  # layer 0 routes here, then not any more
+    inputs.clear()
+    model.model.layers[0].mlp.disabled = True
+    batch = token_batch(batch=2, seq=8)
+    forward(model, adapter, batch)
+    assert model.model.layers[0].mlp.routing is None, "the disabled layer ran its base FFN"
+    del inputs["model.layers.0.mlp"]
+    expected = sub_balance_by_hand(model, inputs, batch["attention_mask"].bool().reshape(-1), per_layer=False)
+    torch.testing.assert_close(adapter.aux_losses(model)["sub_router_balance"], expected)
+    # both layers routing: the host's reduction decides pooled vs per layer
+    model.model.layers[0].mlp.disabled = False
+    inputs.clear()
+    forward(model, adapter, batch)
+    expected = sub_balance_by_hand(model, inputs, batch["attention_mask"].bool().reshape(-1),
+                                   per_layer=reduction == "per_layer")
+    torch.testing.assert_close(adapter.aux_losses(model)["sub_router_balance"], expected)
+
+
+def test_sub_router_balance_refused_on_the_lora_mixer_host():
+    with pytest.raises(AdapterConfigError, match="sub_router_balance: the lora_mixer host"):
+        MorConfig(host="lora_mixer", sub_router_balance=True)
+
+
+def test_per_linear_and_mixlora_share_one_aux_loss_implementation():
+    assert PerLinear.aux_losses is MixLora.aux_losses
 
 
 def test_sub_router_balance_is_off_by_default():

@@ -10,6 +10,7 @@ from conftest import randomize_adapter, tiny_model, token_batch
 
 from moelab.adapters import inject, routed_modules
 from moelab.adapters.mixlora import MixLoraConfig
+from moelab.adapters.mor import MixtureOfRouters
 from moelab.adapters.routing import Routing, RoutingStatistics, TopKRouter, load_balance_loss
 from moelab.modules.lm_module import AdapterLM
 
@@ -67,6 +68,33 @@ def test_top_k_weights_renormalise_and_top_k_equal_to_e_is_dense_softmax():
     dense = TopKRouter(5, 4, top_k=4)
     dense.weight.data.copy_(router.weight.data)
     torch.testing.assert_close(dense(x)[0], torch.softmax(x @ router.weight.T, -1))
+
+
+ROUTERS = {
+    "top_k": lambda: TopKRouter(16, 4, top_k=2, init_std=1.0),
+    "mor_prob": lambda: MixtureOfRouters(16, num_experts=4, top_k=2, init_std=1.0, num_routers=3, combine="prob"),
+    "mor_logit": lambda: MixtureOfRouters(16, num_experts=4, top_k=2, init_std=1.0, num_routers=3, combine="logit"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROUTERS))
+def test_routers_are_fp32_under_bf16_autocast(kind):
+    # bf16-mixed trainers run the forward under autocast, which would run the router matmuls in bf16
+    torch.manual_seed(0)
+    router = ROUTERS[kind]()
+    x = torch.randn(9, 16, dtype=torch.bfloat16)
+    reference_weights, reference = router(x)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        weights, routing = router(x)
+        probs, _ = router.probabilities(x)
+    pairs = [(routing.probs, reference.probs), (routing.logits, reference.logits), (probs, reference.probs),
+             (weights, reference_weights)]
+    if reference.sub_logits is not None:
+        pairs.append((routing.sub_logits, reference.sub_logits))
+    for got, expected in pairs:
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert torch.equal(routing.selected, reference.selected)
 
 
 def test_balance_loss_refuses_probabilities():

@@ -1,15 +1,18 @@
 """MixLoRA (Li et al., arXiv 2404.15159) — implements methods.md §3.1–§3.3 with the official code's choices.
 
 Every decoder layer's FFN becomes a sparse mixture of E LoRA experts that share the frozen W1 (gate),
-W3 (up) and W2 (down); the attention projections get one plain LoRA each (:class:`~.lora.LoraLinear`):
+W3 (up) and W2 (down); the attention projections get one plain LoRA each (:class:`~.lora.LoraLinear`).
+Router and experts, paper §3.2 Eq. 5–7 (methods.md §3.1):
 
-    p = softmax(W_r h)  (fp32),   w̃ = renormalised top-k of p,   y = Σ_{e ∈ top-k} w̃_e E_e(h)
-    E_e(h) = (W2 + ΔW2_e)( act((W1 + ΔW1_e) h) ⊙ (W3 + ΔW3_e) h ),   ΔW_e = s B_e A_e,  s = α/r
+    p = softmax(W_r h)  (fp32),   w̃ = renormalised top-k of p,   y = Σ_{e ∈ top-k} w̃_e E_e(h)      (Eq. 5, 7)
+    E_e(h) = (W2 + ΔW2_e)( act((W1 + ΔW1_e) h) ⊙ (W3 + ΔW3_e) h ),   ΔW_e = s B_e A_e,  s = α/r      (Eq. 6)
 
 with ``h`` the FFN input, router ``W_r ∈ R^{E×d}`` initialised ``N(0, router_init_std)``, ``act`` the base
-FFN's activation. The balance loss (methods.md §3.2, MoE-PEFT's ``_mixtral_load_balancing_loss_func``) is
+FFN's activation. The router's logits and softmax run with autocast off, so they are fp32 under a
+bf16-mixed trainer too. The balance loss, paper §3.2 Eq. 8–9 as MoE-PEFT's
+``_mixtral_load_balancing_loss_func`` computes it (methods.md §3.2), is
 
-    L_aux = router_aux_loss_coef · E · Σ_{slot, i} F_{slot,i} P_i
+    L_aux = router_aux_loss_coef · E · Σ_{slot, i} F_{slot,i} P_i                                      (Eq. 8–9)
 
 with ``F`` the share of (unmasked) tokens whose top-k slot went to expert i and ``P_i`` the mean routing
 probability, over the router outputs of all FFN layers pooled (``aux_loss_reduction="pooled"``, MoE-PEFT)
@@ -19,28 +22,36 @@ or per layer and averaged (``"per_layer"``); uniform routing gives ``k``. Paddin
 Fast path (design.md "Speed by design"): ``W1 h`` and ``W3 h`` are computed once for all tokens; every
 expert's LoRA-A projection at once (``[T, E, r]``); per top-k slot a one-hot mask keeps the slot's expert,
 so one matmul gives all slots' deltas ``[T, k, inter]``; ``W2`` is applied once to the routing-weighted
-mix ``Σ_j w̃_j a_j`` of the slots' activations (exact by linearity), and the down projection's expert LoRA
-takes the k slots masked and weighted. No loop over experts, no data-dependent shapes, no host sync;
-memory is k× (not E×) the FFN activations. :meth:`MixLoraFFN.reference_forward` is the per-expert loop
-(gather the tokens of each expert, run its FFN) that the tests compare outputs and gradients with.
+mix ``Σ_j w̃_j a_j`` of the slots' activations, and the down projection's expert LoRA takes the k slots
+masked and weighted. The mix is summed in fp32 and rounded once before ``W2`` (the official code, too,
+accumulates the weighted expert outputs in fp32). No loop over experts, no data-dependent shapes, no host
+sync; memory is k× (not E×) the FFN activations. :meth:`MixLoraFFN.reference_forward` is the per-expert
+loop (gather the tokens of each expert, run its FFN) that the tests compare outputs and gradients with.
 
-Fidelity ``official-code-parity``: outputs equal the official ``mixlora`` package
-(``MixLoraSparseMoe``, = TUDB-Labs/MixLoRA) on identical weights, layer and whole model, fp32 and fp64;
-checkpoints convert both ways (:func:`to_official`, :func:`from_official`, ``scripts/convert_mixlora.py``).
+``W2`` once on the mix instead of once per expert (the official code) is an exact identity by linearity,
+``Σ_j w̃_j W2 a_j = W2 Σ_j w̃_j a_j``: the same function, differing only in floating-point ordering. It is
+therefore deliberately not a flag.
+
+Fidelity ``official-code-parity``: outputs equal the official ``mixlora`` package (``MixLoraSparseMoe``,
+= TUDB-Labs/MixLoRA) on identical weights, per layer and for the whole model (its ``inject_adapter_in_model``
+loader on our exported checkpoint), each in fp32 and fp64; checkpoints convert both ways
+(:func:`to_official`, :func:`from_official`, ``scripts/convert_mixlora.py``). The export refuses what that
+format cannot hold or the package would assert on: ``layers_to_transform`` (its loader adapts every layer),
+``lora_dropout`` 0, a non-integer ``lora_alpha``; the import refuses ``use_dora`` (MixDoRA).
 
 Deviations and choices, each with its flag:
 
 * ``router_aux_loss_coef`` = 1e-3: the code default and the best ablation, whose numbers are Table 1's;
-  the paper text says 1e-2.
+  the paper text says 1e-2. An official ``router_loss: false`` imports as 0.
 * ``F`` uses the top-k one-hot of the code (HF-Mixtral), not the argmax of the paper's Eq. 8 (no flag).
 * ``jitter_noise`` (default 0) is applied in training only, as MoE-PEFT does; the inference package
   applies it at inference too. Out of place, so the caller's tensor is untouched.
 * ``router_z_loss_coef`` (default 0): an ST-MoE z-loss the ``mixlora`` strategy does not have.
 * ``expert_r`` / ``expert_alpha`` / ``expert_dropout`` (default: the attention LoRA's values) are the
   official ``expert_lora`` override.
+* ``target_modules=[]``: experts only, no attention LoRA (the paper's "MoE only" ablation).
 * Dropout on a LoRA input draws one mask shared by all experts (the official code draws one per expert);
   identical in eval mode, where parity is tested (no flag).
-* W2 once on the mix instead of once per expert: the same function up to floating-point ordering.
 
 Not mergeable: the FFN experts are mixed by input-dependent top-k routing. The attention LoRA alone could
 be merged, the method as a whole cannot.
@@ -132,7 +143,12 @@ class MixLoraConfig(RoutedLoraConfig):
         require(isinstance(self.target_modules, list | tuple),
                 f"target_modules ({self.target_modules!r}) must list the attention projections; "
                 "the FFN projections get the experts")
+        attention = list(self.target_modules)
+        # [] is MixLoRA without attention LoRA (the paper's "MoE only" ablation). The base rule "at least one
+        # target" is for methods that adapt nothing else; MixLoRA always adapts the FFN, so it is not applied.
+        self.target_modules = attention or [self.ffn_module]
         super().__post_init__()
+        self.target_modules = attention
         require(self.expert_r is None or (isinstance(self.expert_r, int) and self.expert_r > 0),
                 f"expert_r ({self.expert_r}) must be a positive integer or null")
         require(self.expert_alpha is None or self.expert_alpha > 0,
@@ -195,7 +211,11 @@ class MixLoraFFN(AdapterLayer):
         gate = self._slot_projection(0, x, slots)
         up = self._slot_projection(1, x, slots)
         act = self.base_layer.act_fn(gate) * up  # [T, k, inter]: k× the FFN activations, not E×
-        out = self._base(2)(torch.sum(slot_weights.to(act.dtype).unsqueeze(-1) * act, dim=1))  # W2 once, on the mix
+        # the weighted mix in fp32, rounded once for W2: summed in a bf16 base's dtype, every product would be
+        # rounded first (the official code accumulates the weighted expert outputs in fp32)
+        accumulate = torch.promote_types(act.dtype, torch.float32)
+        mix = torch.sum(slot_weights.to(accumulate).unsqueeze(-1) * act.to(accumulate), dim=1)
+        out = self._base(2)(mix.to(act.dtype))  # W2 once, on the mix
         down = self._expert_stack(2)
         h = down.down(act)  # [T, k, E, r]: every expert's A on every slot's activation
         weighted_slots = slots * slot_weights.unsqueeze(-1)  # [T, k, E]: w̃_j at slot j's expert, 0 elsewhere
@@ -248,8 +268,16 @@ def balance_losses(sites: list[AdapterModule], config: RoutedLoraConfig) -> dict
 # ---------------------------------------------------------------------------------------------- the method
 
 
+class RoutedLoraAdapter(Adapter):
+    """A method whose routing sites are top-k routers with :class:`RoutedLoraConfig`'s balance-loss fields
+    (MixLoRA, MoR's ``per_linear`` host): one aux-loss implementation over the sites that routed."""
+
+    def aux_losses(self, model: nn.Module) -> dict[str, Tensor]:
+        return balance_losses([module for _, module in routed_modules(model)], self.config)
+
+
 @register
-class MixLora(Adapter):
+class MixLora(RoutedLoraAdapter):
     name = "mixlora"
     config_class = MixLoraConfig
     placement = "ffn_block"
@@ -260,6 +288,10 @@ class MixLora(Adapter):
 
     def make_layer(self, name: str, module: nn.Module) -> LoraLinear:
         return LoraLinear(module, self.config)
+
+    def target_names(self, model: nn.Module) -> list[str]:
+        """The attention projections that get a plain LoRA; none for experts only (``target_modules=[]``)."""
+        return super().target_names(model) if self.config.target_modules else []
 
     def inject(self, model: nn.Module) -> None:
         super().inject(model)  # the attention LoRA
@@ -282,9 +314,6 @@ class MixLora(Adapter):
             require(not missing, f"gate_proj/up_proj/down_proj: {name} has no nn.Linear named {missing}")
             require(callable(getattr(mlp, "act_fn", None)), f"ffn_module: {name} has no act_fn to share")
         return names
-
-    def aux_losses(self, model: nn.Module) -> dict[str, Tensor]:
-        return balance_losses([module for _, module in routed_modules(model)], self.config)
 
 
 # ---------------------------------------------------------------------------------------------- interop
@@ -346,19 +375,43 @@ def load_official_state(model: nn.Module, weights: dict[str, Tensor], source: st
     load_adapter_state_dict(model, state, source=source)
 
 
-def _number(value: float) -> float | int:
-    # the official config check wants an int lora_alpha
-    return int(value) if float(value).is_integer() else value
+def _official_alpha(value: float, name: str) -> int:
+    # the package's LoraConfig.check asserts isinstance(lora_alpha, int), for the expert_lora block too
+    require(float(value).is_integer(), f"{name} ({value}) must be an integer to export: the official MixLoRA "
+                                       "config asserts an int lora_alpha")
+    return int(value)
+
+
+def _check_exportable(config: MixLoraConfig, act_fn: str) -> None:
+    """Refuse what the official format cannot hold or its loader would assert on, before anything is written."""
+    from transformers.activations import ACT2FN
+
+    require(config.layers_to_transform is None,
+            f"layers_to_transform ({config.layers_to_transform}): the official MixLoRA format has no per-layer "
+            "selection (its loader adapts every decoder layer); only a run that adapts all layers exports")
+    # mixlora.lora_linear.LoraLinear asserts lora_dropout > 0; the package builds the experts with this value too
+    require(config.lora_dropout > 0, f"lora_dropout ({config.lora_dropout}) must be > 0 to export: the official "
+                                     "LoraLinear asserts lora_dropout > 0")
+    require(act_fn in ACT2FN, f"act_fn ({act_fn!r}) is not a transformers activation name (ACT2FN), which the "
+                              "official config asserts")
+
+
+def ffn_activation(config: Any) -> str | None:
+    """The base FFN's activation named by a transformers config (object or dict): Gemma-2 and later name it
+    ``hidden_activation``, most models ``hidden_act``; None when neither is set."""
+    get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    return get("hidden_activation") or get("hidden_act")
 
 
 def to_official_config(config: MixLoraConfig, base_model: str, act_fn: str = "silu") -> dict[str, Any]:
-    """The adapter_config.json fields the official ``MixLoraConfig.from_config`` reads. ``act_fn`` must be
-    named: the inference package applies no activation at all when it is missing."""
+    """The adapter_config.json fields the official ``MixLoraConfig.from_config`` reads. ``act_fn`` (LLaMA's by
+    default) must be named: the inference package applies no activation at all when it is missing."""
+    _check_exportable(config, act_fn)
     experts = config.expert_lora()
     values = {
         "base_model_name_or_path": base_model, "task_type": "CAUSAL_LM", "peft_type": "MIXLORA", "bias": "none",
-        "r": config.r, "lora_alpha": _number(config.lora_alpha), "lora_dropout": float(config.lora_dropout),
-        "use_rslora": config.use_rslora,
+        "r": config.r, "lora_alpha": _official_alpha(config.lora_alpha, "lora_alpha"),
+        "lora_dropout": float(config.lora_dropout), "use_rslora": config.use_rslora,
         "lora_init": "gaussian" if config.init_lora_weights == "gaussian" else "original",
         "target_modules": [*config.target_modules, *config.ffn_projections],
         "routing_strategy": "mixlora", "num_experts": config.num_experts, "top_k": config.top_k,
@@ -366,7 +419,7 @@ def to_official_config(config: MixLoraConfig, base_model: str, act_fn: str = "si
         "router_init_range": float(config.router_init_std), "jitter_noise": float(config.jitter_noise),
         "act_fn": act_fn,
     }
-    expert_values = {"r": experts.r, "lora_alpha": _number(experts.lora_alpha),
+    expert_values = {"r": experts.r, "lora_alpha": _official_alpha(experts.lora_alpha, "expert_alpha"),
                      "lora_dropout": float(experts.lora_dropout)}
     if any(values[k] != v for k, v in expert_values.items()):
         values["expert_lora"] = expert_values
@@ -379,40 +432,46 @@ def from_official_config(values: dict[str, Any]) -> MixLoraConfig:
     """Our config from an official adapter_config.json (MoE-PEFT's defaults where a field is absent)."""
     require(values.get("peft_type") == "MIXLORA" and values.get("routing_strategy", "mixlora") == "mixlora",
             "peft_type/routing_strategy: only MIXLORA checkpoints with the 'mixlora' (top-k) strategy convert")
+    experts = values.get("expert_lora", {})
+    # MixDoRA adds a magnitude vector per LoRA: loaded as MixLoRA it would compute another function
+    require(not values.get("use_dora", False) and not experts.get("use_dora", False),
+            "use_dora: true (MixDoRA) does not convert: moelab's MixLoRA has no DoRA magnitude vectors")
     targets = values["target_modules"]
     targets = [t for t, on in targets.items() if on] if isinstance(targets, dict) else list(targets)
     defaults = MixLoraConfig()
     ffn = defaults.ffn_projections
     require(set(ffn) <= set(targets), f"target_modules ({targets}) must include all of {ffn}: experts on a subset "
                                       "of the FFN projections are not supported")
-    experts = values.get("expert_lora", {})
+    # router_loss: false switches MoE-PEFT's balance loss off whatever the coefficient says
+    coef = float(values.get("router_aux_loss_coef", 1e-3)) if values.get("router_loss", True) else 0.0
     return MixLoraConfig(
         target_modules=[t for t in targets if t not in ffn], r=values["r"], lora_alpha=float(values["lora_alpha"]),
         lora_dropout=float(values["lora_dropout"]), use_rslora=values.get("use_rslora", False),
         init_lora_weights="gaussian" if values.get("lora_init") == "gaussian" else "default",
-        num_experts=values["num_experts"], top_k=values.get("top_k", 2),
-        router_aux_loss_coef=float(values.get("router_aux_loss_coef", 1e-3)),
+        num_experts=values["num_experts"], top_k=values.get("top_k", 2), router_aux_loss_coef=coef,
         router_init_std=float(values.get("router_init_range", 0.02)),
         jitter_noise=float(values.get("jitter_noise", 0.0)),
         expert_r=experts.get("r"), expert_alpha=experts.get("lora_alpha"), expert_dropout=experts.get("lora_dropout"))
 
 
-def to_official(model: nn.Module, folder: str | Path, base_model: str) -> Path:
+def to_official(model: nn.Module, folder: str | Path, base_model: str, act_fn: str | None = None) -> Path:
     """Write a model injected with MixLoRA as an official checkpoint folder (loadable by the ``mixlora``
-    package's ``load_adapter_weights`` and by MoE-PEFT)."""
+    package's ``load_adapter_weights`` and by MoE-PEFT). ``act_fn`` overrides the model config's activation."""
     adapter = model.moelab_adapter
     require(adapter.name == "mixlora", f"only a MixLoRA adapter converts to the official format, not {adapter.label}")
-    act_fn = getattr(getattr(model, "config", None), "hidden_act", "silu")
+    act_fn = act_fn or ffn_activation(getattr(model, "config", None))
+    require(act_fn is not None, "act_fn: the model config names no hidden_activation or hidden_act; pass act_fn")
     return write_official(adapter_state_dict(model), adapter.config, folder, base_model, act_fn)
 
 
 def write_official(state: dict[str, Tensor], config: MixLoraConfig, folder: str | Path, base_model: str,
-                   act_fn: str = "silu") -> Path:
+                   act_fn: str) -> Path:
+    values = to_official_config(config, base_model, act_fn)  # validates before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.cpu() for k, v in to_official_state(state, config).items()}
     torch.save(weights, folder / OFFICIAL_WEIGHTS)
-    (folder / OFFICIAL_CONFIG).write_text(json.dumps(to_official_config(config, base_model, act_fn), indent=2))
+    (folder / OFFICIAL_CONFIG).write_text(json.dumps(values, indent=2))
     return folder
 
 

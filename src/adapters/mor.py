@@ -10,9 +10,12 @@ routing site of a routed host method, and leaves the host's experts, top-k dispa
     w̃ = renormalised top-k of p   (the host's dispatch, unchanged)
 
 All W_j and W_main are initialised ``N(0, σ)`` with the host's router σ, and computed in fp32 in one
-matmul. With M = 1, ω ≡ 1 and MoR is exactly the host's router. The host's balance loss is applied to
-the combined ``p`` (and the selection made from it); ``sub_router_balance`` adds a balance loss per
-sub-router, ``E · Σ F P`` of ``softmax(s_j)`` with its own top-k, pooled over sites, averaged over j.
+matmul, autocast off (as every router). With M = 1, ω ≡ 1 and MoR is exactly the host's router. The host's
+balance loss is applied to the combined ``p`` (and the selection made from it); ``sub_router_balance`` adds
+a balance loss per sub-router, ``E · Σ F P`` of ``softmax(s_j)`` with its own top-k, masked and reduced over
+the sites as the host's loss is (``aux_loss_reduction``), averaged over j. The ``s_j`` of a forward travel in
+its routing records (``Routing.sub_logits``), so the loss sees exactly the sites that routed; the lora_mixer
+host builds its own records without them, and refuses ``sub_router_balance``.
 
 Flags (methods.md §4.2 table): ``host`` = ``mixlora`` (default: ``adapter=mor`` alone is MixLoRA with MoR
 routers) | ``lora_mixer`` | ``per_linear``; ``host_config`` (overrides of the host's config, validated by
@@ -55,8 +58,8 @@ from .base import (
     require,
     routed_modules,
 )
-from .mixlora import RoutedLoraConfig, balance_losses
-from .routing import TopKRouter, apply_jitter, load_balance_loss
+from .mixlora import RoutedLoraAdapter, RoutedLoraConfig
+from .routing import Routing, TopKRouter, apply_jitter, full_precision, load_balance_loss
 
 HOSTS = ("mixlora", "lora_mixer", "per_linear")
 COMBINES = ("prob", "logit")
@@ -76,26 +79,34 @@ class MixtureOfRouters(TopKRouter):
                  combine: str) -> None:
         super().__init__(d_in, num_routers * (num_experts + 1), top_k, init_std)  # all rows, N(0, σ)
         self.num_experts, self.num_routers, self.combine = num_experts, num_routers, combine
-        self.sub_logits: Tensor | None = None  # [T, M, E] of the last forward, for the sub-router balance
 
     def scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Sub-router logits [..., M, E] and main-router logits [..., M]."""
+        """Sub-router logits [..., M, E] and main-router logits [..., M], fp32 (autocast off)."""
         raw = super().logits(x)
         split = self.num_routers * self.num_experts
         return raw[..., :split].unflatten(-1, (self.num_routers, self.num_experts)), raw[..., split:]
 
+    def combined(self, sub: Tensor, main: Tensor) -> tuple[Tensor, Tensor]:
+        """``(p, logits)`` of the combine rule from the sub- and main-router logits."""
+        with full_precision(sub):
+            omega = main.softmax(dim=-1).unsqueeze(-1)  # [..., M, 1]
+            if self.combine == "logit":
+                logits = (omega * sub).sum(dim=-2)
+                return logits.softmax(dim=-1), logits
+            probs = (omega * sub.softmax(dim=-1)).sum(dim=-2)
+            return probs, probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
     def probabilities(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        sub, main = self.scores(x)
-        self.sub_logits = sub
-        omega = main.softmax(dim=-1).unsqueeze(-1)  # [..., M, 1]
-        if self.combine == "logit":
-            logits = (omega * sub).sum(dim=-2)
-            return logits.softmax(dim=-1), logits
-        probs = (omega * sub.softmax(dim=-1)).sum(dim=-2)
-        return probs, probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        return self.combined(*self.scores(x))
 
     def logits(self, x: Tensor) -> Tensor:
         return self.probabilities(x)[1]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Routing]:
+        # the sub-router logits travel in this forward's record: the sub-router balance reads them from the
+        # sites that routed, never from state a disabled layer or a shared router could have left behind
+        sub, main = self.scores(x)
+        return self.dispatch(*self.combined(sub, main), sub_logits=sub)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, routers={self.num_routers}, top_k={self.top_k}, combine={self.combine}"
@@ -128,10 +139,11 @@ class RoutedLoraLinear(AdapterLayer):
         flat = apply_jitter(x.reshape(-1, x.shape[-1]), self.jitter_noise, self.training)
         weights, self.routing = self.router(flat)
         delta = self.experts(flat, weights)  # all experts at once; the zero weights drop the unselected
-        return self.base_layer(flat).reshape(*x.shape[:-1], -1) + delta.reshape(*x.shape[:-1], -1).to(x.dtype)
+        result = self.base_layer(flat)
+        return (result + delta).to(result.dtype).reshape(*x.shape[:-1], -1)  # one cast, as PEFT's LoRA
 
 
-class PerLinear(Adapter):
+class PerLinear(RoutedLoraAdapter):
     """The ``per_linear`` host of MoR (not registered: on its own it is MoR with one router)."""
 
     name = "per_linear"
@@ -144,9 +156,6 @@ class PerLinear(Adapter):
         config = self.config
         router = self.make_router(module.in_features, config.num_experts, config.top_k, config.router_init_std)
         return RoutedLoraLinear(module, config, router.to(module.weight.device))
-
-    def aux_losses(self, model: nn.Module) -> dict[str, Tensor]:
-        return balance_losses([module for _, module in routed_modules(model)], self.config)
 
 
 # ---------------------------------------------------------------------------------------------- the method
@@ -184,6 +193,11 @@ class MorConfig(AdapterConfig):
         require(self.combine in COMBINES, f"combine ({self.combine!r}) must be one of {COMBINES}")
         require(self.sub_router_balance_coef >= 0,
                 f"sub_router_balance_coef ({self.sub_router_balance_coef}) must be >= 0")
+        # the loss reads the sub-router logits from the sites' routing records, which lora_mixer builds
+        # itself from probabilities() (lora_mixer.MixerRouter) without them
+        require(not (self.sub_router_balance and self.host == "lora_mixer"),
+                "sub_router_balance: the lora_mixer host's routing records carry no sub-router logits; "
+                "use host mixlora or per_linear")
         host = self.host_adapter_config()
         # the host's complete config, defaults filled in: saved adapter configs say exactly what ran, and
         # budget matching reaches the host's rank as "host_config.r"
@@ -261,11 +275,16 @@ class MixtureOfRoutersAdapter(Adapter):
         return losses
 
     def sub_router_balance(self, model: nn.Module) -> Tensor | None:
-        """``E · Σ F P`` of each sub-router's own softmax and top-k, pooled over sites, averaged over j."""
-        routers = [m for m in model.modules() if isinstance(m, MixtureOfRouters) and m.sub_logits is not None]
-        if not routers:
+        """``E · Σ F P`` of each sub-router's own softmax and top-k, averaged over j; read from the routing
+        records of the sites that routed in the last forward, masked and reduced as the host's balance loss."""
+        sites = [module for _, module in routed_modules(model)]
+        if not sites:
             return None
-        subs = [r.sub_logits.reshape(-1, r.num_routers, r.num_experts) for r in routers]  # [T, M, E] per site
-        masks = [self.context.flat_token_mask(sub.shape[0]) for sub in subs]
-        return torch.stack([load_balance_loss([sub[:, j] for sub in subs], routers[0].top_k, masks)
+        host = self.host.config
+        subs = [site.routing.sub_logits for site in sites]
+        require(all(sub is not None for sub in subs),
+                "sub_router_balance: a routing site reported no sub-router logits (not a MixtureOfRouters)")
+        subs = [sub.reshape(-1, *sub.shape[-2:]) for sub in subs]  # [T, M, E] per site
+        masks = [site.context.flat_token_mask(sub.shape[0]) for site, sub in zip(sites, subs, strict=True)]
+        return torch.stack([load_balance_loss([sub[:, j] for sub in subs], host.top_k, masks, host.aux_loss_reduction)
                             for j in range(self.config.num_routers)]).mean()

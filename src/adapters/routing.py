@@ -2,7 +2,8 @@
 
 * :class:`TopKRouter` — a linear router in fp32: ``p = softmax(W_r x)``, keep the top-k of ``p``,
   renormalise the kept weights to sum to 1 (methods.md §3.1, the MixLoRA / HF-Mixtral convention);
-  ``top_k = E`` gives dense softmax mixing. Init ``N(0, init_std)``.
+  ``top_k = E`` gives dense softmax mixing. Init ``N(0, init_std)``. Logits and softmax run with autocast
+  off (:func:`full_precision`), so a bf16-mixed trainer still routes in fp32 (design.md "Speed by design").
 * :func:`apply_jitter` — multiplicative input noise ``U(1−ε, 1+ε)`` in training, before routing, that
   the experts see too (HF-Mixtral convention, methods.md §3.1); out of place, unlike the official code.
 * :func:`load_balance_loss` — the Switch/Mixtral loss ``E · Σ_{slot,i} F_{slot,i} P_i`` with the top-k
@@ -18,6 +19,7 @@ one metrics and plotting path.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -32,15 +34,23 @@ class Routing:
 
     ``probs`` [T, E] (fp32, rows sum to 1) is the routing distribution; ``selected`` [T, k] are the experts
     each token was sent to (for dense mixing: the dominant expert, k = 1, so that load stays meaningful);
-    ``logits`` [T, E] when the router has them (z-loss, logit-based losses).
+    ``logits`` [T, E] when the router has them (z-loss, logit-based losses); ``sub_logits`` [T, M, E] the
+    logits of each sub-router when the router is a mixture of routers (MoR), for its sub-router balance loss.
     """
 
     probs: Tensor
     selected: Tensor
     logits: Tensor | None = None
+    sub_logits: Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------- routers
+
+
+def full_precision(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for ``x``'s device: under bf16-mixed precision autocast would run the router matmul in
+    bf16 whatever its inputs were cast to, and routing decisions would flip on rounding."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def apply_jitter(x: Tensor, noise: float, training: bool) -> Tensor:
@@ -77,18 +87,24 @@ class TopKRouter(nn.Module):
         # At least fp32 whatever the model was cast to: a bf16-cast router still routes in fp32, and an
         # fp64 one (parity tests) stays fp64.
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        return x.to(dtype) @ self.weight.to(dtype).T
+        with full_precision(x):
+            return x.to(dtype) @ self.weight.to(dtype).T
 
     def probabilities(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(probs, logits)`` — the routing distribution; sub-classes (MoR) change only this."""
-        logits = self.logits(x)
-        return logits.softmax(dim=-1), logits
+        with full_precision(x):
+            logits = self.logits(x)
+            return logits.softmax(dim=-1), logits
 
     def forward(self, x: Tensor) -> tuple[Tensor, Routing]:
         """Returns dense weights [T, E] (zero outside the top-k) and the routing record."""
-        probs, logits = self.probabilities(x)
+        return self.dispatch(*self.probabilities(x))
+
+    def dispatch(self, probs: Tensor, logits: Tensor | None,
+                 sub_logits: Tensor | None = None) -> tuple[Tensor, Routing]:
+        """The top-k of ``probs`` as dense weights [T, E], and the record of this forward."""
         weights, selected = top_k_weights(probs, self.top_k)
-        return scatter_weights(weights, selected, self.num_experts), Routing(probs, selected, logits)
+        return scatter_weights(weights, selected, self.num_experts), Routing(probs, selected, logits, sub_logits)
 
 
 # ---------------------------------------------------------------------------------------------- losses
