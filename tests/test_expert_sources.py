@@ -1,14 +1,20 @@
 """Expert sources and stages shared by MoLE and LoRA-Mixer (composition.py, experts.py's loading section):
 PEFT and moelab LoRA folders loaded as experts against PEFT / moelab themselves, errors that name the file,
-frozen-but-saved experts, the two-stage schedule, routing-site grouping, and an end-to-end run."""
+frozen-but-saved experts, the two-stage schedule (what each stage moves, through the real trainer),
+routing-site grouping, and an end-to-end run."""
 
+import functools
+import itertools
 import json
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compose_config, randomize_adapter, tiny_model, token_batch
 from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
 
 from moelab.adapters import (
     AdapterConfigError,
@@ -19,7 +25,7 @@ from moelab.adapters import (
     routed_modules,
 )
 from moelab.adapters.composition import HARD, SOFT, ComposedLinear, ExpertsConfig, composed_layers, site_key
-from moelab.adapters.experts import read_trained_lora
+from moelab.adapters.experts import read_trained_lora, stack_trained_loras
 from moelab.adapters.lora import LoraConfig
 from moelab.adapters.lora_mixer import LoraMixerConfig
 from moelab.adapters.mole import MoleConfig
@@ -85,12 +91,15 @@ def test_peft_experts_give_peft_deltas_per_layer(folders):
     model, _ = loaded(MoleConfig, [paths["peft_a"], paths["peft_b"]])
     layers = dict(composed_layers(model))
     assert len(layers) == 8  # q, k, v, o of both layers: the union of what the two LoRAs adapt
+    compared = 0
     for expert, key in enumerate(("peft_a", "peft_b")):
         for name, peft_layer in models[key].base_model.model.named_modules():
             if not hasattr(peft_layer, "get_delta_weight") or "default" not in getattr(peft_layer, "lora_A", {}):
                 continue
             ours = layers[name].experts.delta_weight(F.one_hot(torch.tensor(expert), 2))
             torch.testing.assert_close(ours, peft_layer.get_delta_weight("default"), rtol=0, atol=1e-6)
+            compared += 1
+    assert compared == 2 * 2 + 4 * 2, "every PEFT LoRA layer compared: A's q, v and B's q, k, v, o in two layers"
     q0 = layers["model.layers.0.self_attn.q_proj"].experts
     assert q0.rank == 6 and q0.lora_A[0, 4:].abs().sum() == 0, "ranks zero-padded to the largest"
     assert q0.scaling.tolist() == pytest.approx([8 / 4, 12 / 6 ** 0.5])  # α/r, and rsLoRA's α/√r
@@ -139,6 +148,19 @@ def test_loaded_experts_are_frozen_saved_and_round_trip(folders):
     torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), rtol=0, atol=1e-6)
 
 
+def test_loaded_experts_that_train_softly_are_anchored_at_injection(folders):
+    paths, _ = folders
+    model, adapter = loaded(LoraMixerConfig, [paths["peft_a"], paths["moelab"]], top_k=2, preserve_experts=[0],
+                            train_experts_in_soft_stage=True)
+    for _, layer in composed_layers(model):  # plug-in mode starts in stage soft: θ^(0) = the loaded LoRA
+        assert layer.anchors.captured and torch.equal(layer.anchors.lora_A, layer.experts.lora_A[[0]])
+    model.train()
+    batch = token_batch()
+    adapter.set_context(model, batch["task_ids"], batch["attention_mask"].bool())
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert adapter.aux_losses(model)["preserve"].item() == 0.0
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 
@@ -154,6 +176,24 @@ def test_missing_or_foreign_folders_fail_in_the_config_naming_them(tmp_path):
     (foreign / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
     with pytest.raises(AdapterConfigError, match=r"PEFT option\(s\) \['use_dora'\]"):
         LoraMixerConfig(experts={"source": "load", "paths": [str(foreign)]}, top_k=1)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_16", "olora", "corda", "loftq"])
+def test_peft_initialisations_that_rewrite_the_base_weights_are_refused(init, tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "init_lora_weights": init}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterConfigError, match=rf"{tmp_path}: PEFT option init_lora_weights='{init}' rewrites"):
+        MoleConfig(experts={"source": "load", "paths": [str(tmp_path)]})
+    for harmless in (True, False, "gaussian", "orthogonal"):  # they shape only the LoRA's own starting values
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "init_lora_weights": harmless}))
+        MoleConfig(experts={"source": "load", "paths": [str(tmp_path)]})
+
+
+def test_stacking_a_module_that_no_lora_adapts_names_the_module(folders):
+    paths, _ = folders
+    lora = read_trained_lora(paths["peft_a"])  # q_proj and v_proj only
+    with pytest.raises(AdapterConfigError, match="no expert LoRA adapts 'model.layers.0.self_attn.k_proj'"):
+        stack_trained_loras([lora], "model.layers.0.self_attn.k_proj", nn.Linear(64, 64))
 
 
 def test_a_shape_mismatch_fails_at_injection_naming_the_file(tmp_path):
@@ -199,8 +239,9 @@ def test_stage_one_length(fields, max_steps, length):
 def test_stage_lengths_that_leave_no_soft_stage_fail():
     with pytest.raises(AdapterConfigError, match="stage1_steps"):
         ExpertsConfig(tasks=["a"], stage1_steps=5).stage1_length(5)
-    with pytest.raises(AdapterConfigError, match="stage1_fraction needs a positive trainer.max_steps"):
-        ExpertsConfig(tasks=["a"]).stage1_length(-1)
+    for max_steps in (-1, 1):
+        with pytest.raises(AdapterConfigError, match=r"stage1_fraction needs trainer.max_steps >= 2"):
+            ExpertsConfig(tasks=["a"]).stage1_length(max_steps)
 
 
 def test_stages_switch_what_trains_and_how_examples_route():
@@ -222,6 +263,77 @@ def test_stages_switch_what_trains_and_how_examples_route():
     adapter.enter_stage(model, SOFT)
     assert not any(p.requires_grad for layer in layers for p in layer.experts.parameters())
     assert all(p.requires_grad for layer in layers if layer.is_leader for p in layer.site.parameters())
+
+
+def test_a_stage_switch_drops_the_gradients_of_what_it_freezes():
+    """A frozen expert stays bitwise unchanged under AdamW even if it held a gradient before the switch (kept
+    here by zero_grad(set_to_none=False)): AdamW steps every parameter whose .grad is not None."""
+    model, _ = tiny_model()
+    adapter = inject(model, MoleConfig(experts={"tasks": ["a", "b", "c"], "lora_dropout": 0.0}))
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(model), lr=1e-2, weight_decay=0.1)
+    batch = token_batch(batch=3)
+    experts = [p for _, layer in composed_layers(model) for p in layer.experts.parameters()]
+    sites = [p for _, layer in composed_layers(model) if layer.is_leader for p in layer.site.parameters()]
+
+    def step():
+        adapter.set_context(model, batch["task_ids"], batch["attention_mask"].bool())
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        (output.loss + sum(adapter.aux_losses(model).values(), torch.zeros(()))).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    model.train()
+    step()  # stage hard: the experts train and now carry (zeroed) gradients and Adam moments
+    assert all(p.grad is not None for p in experts)
+    adapter.enter_stage(model, SOFT)
+    assert all(p.grad is None for p in experts)
+    before = [p.detach().clone() for p in experts + sites]
+    for _ in range(3):
+        step()
+    after = [p.detach() for p in experts + sites]
+    assert all(torch.equal(a, b) for a, b in zip(before[:len(experts)], after[:len(experts)], strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(before[len(experts):], after[len(experts):], strict=True))
+
+
+class AdapterSnapshots(L.Callback):
+    """The experts' and the routing sites' tensors before training and after every optimiser step."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str | None, dict[str, list[torch.Tensor]]]] = []
+
+    def _take(self, module, stage) -> None:
+        layers = [layer for _, layer in composed_layers(module.model)]
+        self.steps.append((stage, {
+            "experts": [p.detach().clone() for layer in layers for p in layer.experts.parameters()],
+            "sites": [p.detach().clone() for layer in layers if layer.is_leader for p in layer.site.parameters()]}))
+
+    def on_train_start(self, trainer, module) -> None:
+        self._take(module, None)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._take(module, module.stage)
+
+
+@pytest.mark.parametrize("config_class", [MoleConfig, LoraMixerConfig])
+def test_the_trainer_moves_only_the_experts_then_only_the_sites(config_class, tmp_path):
+    """Experts trained in the run (source=train) through AdapterLM and Lightning's Trainer: stage hard moves
+    the experts and leaves the gates / routers bitwise alone, stage soft the other way round."""
+    from moelab.modules.lm_module import AdapterLM
+
+    model, _ = tiny_model()
+    adapter = inject(model, config_class(experts={"tasks": ["a", "b", "c"], "stage1_steps": 2}))
+    module = AdapterLM(model, adapter, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), num_tasks=3)
+    snapshots = AdapterSnapshots()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[snapshots],
+                        default_root_dir=tmp_path)
+    batches = [token_batch(batch=3, seq=10, seed=seed) for seed in range(4)]
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert [stage for stage, _ in snapshots.steps[1:]] == [HARD, HARD, SOFT, SOFT]
+    for (_, before), (stage, after) in itertools.pairwise(snapshots.steps):
+        moved = {part: any(not torch.equal(a, b) for a, b in zip(before[part], after[part], strict=True))
+                 for part in ("experts", "sites")}
+        assert moved == {"experts": stage == HARD, "sites": stage == SOFT}, stage
 
 
 # ---------------------------------------------------------------------------------------------- sites

@@ -196,6 +196,27 @@ def test_preservation_loss_on_a_hand_computed_case():
     assert layers[0].experts.lora_A.grad[0].abs().sum() > 0 and layers[0].experts.lora_A.grad[1].abs().sum() == 0
 
 
+def test_preservation_anchors_survive_a_checkpoint_round_trip():
+    """θ_i^(0) is adapter state: a resumed run re-enters the soft stage but keeps the anchors of the first entry."""
+    from moelab.modules.lm_module import AdapterLM
+
+    fields = {"preserve_experts": [1], "preserve_beta": 0.5, "train_experts_in_soft_stage": True}
+    model, adapter = mixer(stage=HARD, **fields)
+    adapter.enter_stage(model, SOFT)
+    with torch.no_grad():
+        for _, layer in composed_layers(model):
+            layer.experts.lora_B[1] += 0.1  # the preserved expert drifts in the soft stage
+    expected = adapter.aux_losses(model)["preserve"]
+    assert expected.item() == pytest.approx(0.5 * 8 * 64 * 16 * 0.1 ** 2, rel=1e-4)
+    checkpoint = {}
+    AdapterLM(model, adapter, optimizer=torch.optim.AdamW).on_save_checkpoint(checkpoint)
+    assert any(key.endswith("anchors.lora_B") for key in checkpoint["state_dict"])
+    resumed, resumed_adapter = mixer(stage=HARD, **fields)
+    AdapterLM(resumed, resumed_adapter, optimizer=torch.optim.AdamW).on_load_checkpoint(checkpoint)
+    resumed_adapter.enter_stage(resumed, SOFT)  # what the module does at the first step after a resume
+    torch.testing.assert_close(resumed_adapter.aux_losses(resumed)["preserve"], expected)
+
+
 @pytest.mark.parametrize("fields,message", [
     ({"top_k": 4}, r"top_k \(4\)"), ({"router_scope": "per_head"}, "router_scope"),
     ({"rsl_entropy_sign": 0}, "rsl_entropy_sign"), ({"rsl_load": "mean"}, "rsl_load"),

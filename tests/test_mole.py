@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_adapter, tiny_model, token_batch
+from conftest import compose_config, randomize_adapter, tiny_model, token_batch
 from torch import nn
 
 from moelab.adapters import AdapterConfigError, adapter_layers, inject, routed_modules
@@ -207,6 +207,61 @@ def test_prompt_mean_without_a_mask_is_causal():
     z = torch.cat([layer.experts.expert_delta(x, i) for i in range(3)], dim=-1)
     expected = torch.softmax(F.layer_norm(z[0, :3].mean(0), (15,)) @ layer.site.e / 1.5, dim=-1)
     torch.testing.assert_close(layer.routing.probs[2], expected, rtol=1e-5, atol=1e-6)  # mean of tokens 0..2
+
+
+def test_a_cached_continuation_continues_the_pool_of_the_forward_before_it():
+    holder, layer, adapter = gated_linear(gate_scope="prompt_mean")
+    layer.eval()
+    x = torch.randn(2, 6, 6)
+    layer(x)
+    full = layer.routing.probs.reshape(2, 6, 3)
+    layer(x[:, :4])  # the prompt, then two cached decode steps of one token
+    for step in (4, 5):
+        adapter.decoding.past_tokens = step
+        layer(x[:, step:step + 1])
+        torch.testing.assert_close(layer.routing.probs, full[:, step], rtol=1e-6, atol=1e-7)
+    layer.context.prompt_mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    adapter.decoding.past_tokens = 0
+    layer(x[:, :4])
+    prompt_gates = layer.routing.probs.reshape(2, 4, 3)[:, 0]
+    adapter.decoding.past_tokens = 4
+    layer(x[:, 4:5])  # §2.1: generated tokens reuse the prompt's gate
+    torch.testing.assert_close(layer.routing.probs, prompt_gates)
+    adapter.decoding.past_tokens = 3
+    with pytest.raises(RuntimeError, match="continues a KV cache of 3 tokens"):
+        layer(x[:, 4:5])
+
+
+@pytest.mark.parametrize("gate_input", ["expert_deltas", "hidden"])
+def test_prompt_mean_generates_the_same_with_and_without_a_kv_cache(gate_input):
+    """§2.1: under KV-cached decoding each call sees one new token; its gate must still pool the sequence."""
+    model, adapter = soft_model(gate_scope="prompt_mean", gate_input=gate_input)
+    randomize_adapter(model, scale=1.0)  # gates that differ a lot between tokens
+    model.eval()
+    batch = token_batch(batch=2, seq=7)
+    prompt = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"].flip(-1)}  # left padding
+    settings = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": 0,
+                "return_dict_in_generate": True, "output_logits": True}
+    with torch.no_grad():
+        cached = model.generate(**prompt, **settings, use_cache=True)
+        uncached = model.generate(**prompt, **settings, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), rtol=1e-4, atol=1e-4)
+    assert adapter.decoding.past_tokens == 0, "reset after every forward"
+
+
+def test_mole_composition_gives_the_gates_the_papers_800_iterations():
+    """§2.4: 800 gate iterations per composition; the sweep's lora job keeps a config without experts."""
+    from moelab.adapters import adapter_for
+    from moelab.modules.training import adapter_config
+
+    cfg = compose_config("experiment=mole_composition", "adapter=mole")
+    config = adapter_config(cfg)
+    schedule = adapter_for(config)(config).stage_schedule(cfg.trainer.max_steps)
+    assert schedule[0] == (0, "hard") and schedule[1][1] == SOFT
+    assert cfg.trainer.max_steps - schedule[1][0] == 800
+    assert "experts" not in compose_config("experiment=mole_composition", "adapter=lora").adapter
+    assert compose_config("adapter=mole").adapter.experts.stage1_fraction == 0.8, "the default elsewhere"
 
 
 def test_expert_deltas_are_each_experts_output():

@@ -106,8 +106,8 @@ class ExpertsConfig:
                     f"experts.stage1_steps ({self.stage1_steps}) leaves no step of trainer.max_steps "
                     f"({max_steps}) for the soft stage")
             return self.stage1_steps
-        require(max_steps > 0, "experts.stage1_fraction needs a positive trainer.max_steps; "
-                               "set experts.stage1_steps instead")
+        require(max_steps >= 2, f"experts.stage1_fraction needs trainer.max_steps >= 2 (one step per stage), "
+                                f"got {max_steps}; set experts.stage1_steps instead for an open-ended run")
         return max(1, min(int(self.stage1_fraction * max_steps), max_steps - 1))
 
 
@@ -183,7 +183,9 @@ class ComposedLinear(AdapterLayer):
     def adapted_forward(self, x: Tensor) -> Tensor:
         h = self.experts.down(x)
         weights = self._mixing_weights(x, h)
-        return self.base_layer(x) + self.experts.up(h * weights.unsqueeze(-1).to(h.dtype)).to(x.dtype)
+        result = self.base_layer(x)
+        # the fp32 update is added before one cast, as PEFT's LoRA does under a bf16 base
+        return (result + self.experts.up(h * weights.unsqueeze(-1).to(h.dtype))).to(result.dtype)
 
     def _mixing_weights(self, x: Tensor, h: Tensor) -> Tensor:
         num_experts = self.experts.num_experts
@@ -209,6 +211,18 @@ class ComposedLinear(AdapterLayer):
 
 def composed_layers(model: nn.Module) -> list[tuple[str, ComposedLinear]]:
     return [(name, m) for name, m in adapter_modules(model) if isinstance(m, ComposedLinear)]
+
+
+def set_trainable(module: nn.Module, trainable: bool) -> None:
+    """Switch ``requires_grad``; a module that freezes also drops its gradients. The optimiser owns the
+    parameters of every stage (``trainable_parameters``) and AdamW steps any parameter whose ``.grad`` is
+    not None: a stale gradient from the previous stage — kept by ``zero_grad(set_to_none=False)`` or by
+    gradient accumulation across the switch — would move a frozen expert through Adam's moments and
+    weight decay."""
+    module.requires_grad_(trainable)
+    if not trainable:
+        for parameter in module.parameters():
+            parameter.grad = None
 
 
 # ---------------------------------------------------------------------------------------------- adapter
@@ -290,9 +304,9 @@ class ComposedAdapter(Adapter):
     def enter_stage(self, model: nn.Module, stage: str) -> None:
         for _, layer in composed_layers(model):
             layer.stage = stage
-            layer.experts.requires_grad_(self.experts_train_in(stage))
+            set_trainable(layer.experts, self.experts_train_in(stage))
             if layer.is_leader:
-                layer.site.requires_grad_(stage == SOFT)
+                set_trainable(layer.site, stage == SOFT)
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """Every parameter that trains in some stage: the sites, and the experts when they are trained."""

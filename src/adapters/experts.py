@@ -168,13 +168,18 @@ class LoraExperts(nn.Module):
 # ``<module>`` is the module's path in the transformers model (``model.layers.0.self_attn.q_proj``) in both.
 # Every LoRA keeps its own rank and scale; :func:`stack_trained_loras` zero-pads ranks into one stack. PEFT
 # options that change the forward pass (DoRA, LoRA bias, ``fan_in_fan_out``, extra trained modules) are
-# refused by name rather than loaded wrongly.
+# refused by name rather than loaded wrongly, and so are the initialisations that rewrite the base weights
+# (PiSSA, OLoRA, CorDA, LoftQ subtract the initial LoRA from W0 or quantise it): such a LoRA's update only
+# holds on the rewritten base, not on the pristine one the experts are added to, unless PEFT converted it to
+# a plain LoRA on saving (``save_pretrained(path_initial_model_for_weight_conversion=...)``, which writes
+# ``init_lora_weights: true``).
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 LORA_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _PEFT_PREFIX = "base_model.model."
 _PEFT_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "use_qalora", "use_bdlora", "alora_invocation_tokens",
                      "layer_replication", "modules_to_save", "trainable_token_indices", "target_parameters")
+_PEFT_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")  # prefixes: "pissa_niter_16" is PiSSA too
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,10 @@ def lora_folder(path: str | Path) -> tuple[Path, str, dict]:
         require(meta["peft_type"] == "LORA", f"expert LoRA {folder}: peft_type {meta['peft_type']!r} is not LORA")
         used = [option for option in _PEFT_UNSUPPORTED if meta.get(option)]
         require(not used, f"expert LoRA {folder}: PEFT option(s) {used} are not supported for experts")
+        init = meta.get("init_lora_weights")
+        require(not (isinstance(init, str) and init.lower().startswith(_PEFT_BASE_REWRITING_INITS)),
+                f"expert LoRA {folder}: PEFT option init_lora_weights={init!r} rewrites the base weights and is not "
+                "supported for experts; save it converted to a plain LoRA (path_initial_model_for_weight_conversion)")
         return folder, "peft", meta
     require("method" in meta, f"expert LoRA {folder}: {ADAPTER_CONFIG_FILE} is neither moelab's nor PEFT's")
     require(meta["method"] == "lora",
@@ -277,8 +286,9 @@ def stack_trained_loras(loras: list[TrainedLora], module: str, linear: nn.Linear
     """The frozen expert stack of ``module``: slot i holds LoRA i's update there, zero if it has none.
 
     Ranks are zero-padded to the largest; each slot keeps its LoRA's own scale. A LoRA whose shapes do not
-    fit ``linear`` fails naming its folder."""
+    fit ``linear`` fails naming its folder, a module that no LoRA adapts naming the module."""
     present = {i: lora.modules[module] for i, lora in enumerate(loras) if module in lora.modules}
+    require(bool(present), f"no expert LoRA adapts {module!r} (experts.paths: {[str(lora.path) for lora in loras]})")
     rank = max(weights.lora_A.shape[0] for weights in present.values())
     stack = LoraExperts(len(loras), linear.in_features, linear.out_features, rank, alpha=rank, dropout=dropout,
                         dtype=adapter_dtype(linear.weight.dtype), device=linear.weight.device)

@@ -18,8 +18,10 @@ Routing specialisation loss per routing site, averaged over the sites (§5.2, Eq
 
 with ``p̄_i`` the mean routing probability and ``f̄_i`` the load of expert i over the unmasked tokens, and
 the expert-preservation loss (Eq. 11) ``L_preserve = β Σ_{i∈C} ||θ_i − θ_i^(0)||²`` summed over all wrapped
-projections, ``θ_i = (A_i, B_i)`` and ``θ_i^(0)`` their values when the soft stage is entered (again when
-a run resumes from a checkpoint).
+projections, ``θ_i = (A_i, B_i)`` and ``θ_i^(0)`` their values when the soft stage is first entered. The
+anchors ``θ_i^(0)`` are persistent buffers of the adapter state (:class:`ExpertAnchors`, with a flag saying
+whether they were captured), so a run resumed from a checkpoint keeps them instead of re-capturing drifted
+experts.
 
 Flags (methods.md's [R] table):
 
@@ -53,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import BatchContext, register, require
-from .composition import HARD, SOFT, ComposedAdapter, ComposedConfig, composed_layers, site_key
+from .composition import HARD, SOFT, ComposedAdapter, ComposedConfig, ComposedLinear, composed_layers, site_key
 from .experts import LoraExperts
 from .routing import Routing, _masked_mean, entropy, scatter_weights, top_k_weights
 
@@ -105,6 +107,34 @@ def rsl_loss(probs: Tensor, mask: Tensor | None, config: LoraMixerConfig) -> Ten
     return config.rsl_alpha * balance + config.rsl_entropy_sign * config.rsl_lambda * _masked_mean(entropy(probs), mask)
 
 
+class ExpertAnchors(nn.Module):
+    """``θ_i^(0)`` of the preserved experts of one projection (Eq. 11), as persistent buffers.
+
+    Created zero at injection, so that every checkpoint of the run has the same keys, and captured once, on
+    the first entry into the soft stage; ``captured`` travels with them, so re-entering the stage after a
+    resume keeps the anchors of the original entry."""
+
+    def __init__(self, experts: LoraExperts, preserved: list[int]) -> None:
+        super().__init__()
+        self.preserved = preserved
+        self.register_buffer("lora_A", torch.zeros_like(experts.lora_A[preserved], requires_grad=False))
+        self.register_buffer("lora_B", torch.zeros_like(experts.lora_B[preserved], requires_grad=False))
+        self.register_buffer("captured", torch.zeros((), dtype=torch.bool, device=experts.lora_A.device))
+
+    def capture(self, experts: LoraExperts) -> None:
+        """Take the experts' current values, unless the anchors hold a capture already (``torch.where``
+        rather than an ``if``: no host synchronisation, and meta-device skeletons pass too)."""
+        with torch.no_grad():
+            self.lora_A.copy_(torch.where(self.captured, self.lora_A, experts.lora_A[self.preserved]))
+            self.lora_B.copy_(torch.where(self.captured, self.lora_B, experts.lora_B[self.preserved]))
+            self.captured.fill_(True)
+
+    def drift(self, experts: LoraExperts) -> Tensor:
+        """``Σ_{i∈C} ||θ_i − θ_i^(0)||²`` of this projection."""
+        return (((experts.lora_A[self.preserved] - self.lora_A) ** 2).sum()
+                + ((experts.lora_B[self.preserved] - self.lora_B) ** 2).sum())
+
+
 class MixerRouter(nn.Module):
     """A routing site: dense ``p`` in training, renormalised top-K of ``p`` at inference (§5.1)."""
 
@@ -129,10 +159,6 @@ class LoraMixer(ComposedAdapter):
     merge_refusal = "its token routers mix the LoRA experts with input-dependent weights"
     config: LoraMixerConfig
 
-    def __init__(self, config: LoraMixerConfig) -> None:
-        super().__init__(config)
-        self.anchors: dict[str, tuple[Tensor, Tensor]] = {}  # θ_i^(0) of the preserved experts, per projection
-
     def site_of(self, module: str) -> str:
         return site_key(module, ROUTER_SCOPES[self.config.router_scope])
 
@@ -144,12 +170,18 @@ class LoraMixer(ComposedAdapter):
     def experts_train_in(self, stage: str) -> bool:
         return stage == HARD or (stage == SOFT and self.config.train_experts_in_soft_stage)
 
+    def inject(self, model: nn.Module) -> None:
+        super().inject(model)
+        if self.config.preserve_experts:
+            for _, layer in composed_layers(model):
+                layer.anchors = ExpertAnchors(layer.experts, self.config.preserve_experts)
+            self.enter_stage(model, self.stages[0])  # again, now with anchors: loaded experts start soft
+
     def enter_stage(self, model: nn.Module, stage: str) -> None:
         super().enter_stage(model, stage)
-        preserved = self.config.preserve_experts if stage == SOFT else []
-        self.anchors = {name: (layer.experts.lora_A[preserved].detach().clone(),
-                               layer.experts.lora_B[preserved].detach().clone())
-                        for name, layer in composed_layers(model)} if preserved else {}
+        if stage == SOFT:
+            for layer, anchors in anchored_layers(model):
+                anchors.capture(layer.experts)
 
     def aux_losses(self, model: nn.Module) -> dict[str, Tensor]:
         losses = {}
@@ -157,10 +189,13 @@ class LoraMixer(ComposedAdapter):
         if records:
             losses["rsl"] = torch.stack([rsl_loss(routing.probs, mask, self.config)
                                          for routing, mask in records]).mean()
-        if self.anchors:
-            preserved = self.config.preserve_experts
-            drift = [((layer.experts.lora_A[preserved] - self.anchors[name][0]) ** 2).sum()
-                     + ((layer.experts.lora_B[preserved] - self.anchors[name][1]) ** 2).sum()
-                     for name, layer in composed_layers(model)]
+        drift = [anchors.drift(layer.experts) for layer, anchors in anchored_layers(model) if layer.stage == SOFT]
+        if drift:
             losses["preserve"] = self.config.preserve_beta * torch.stack(drift).sum()
         return losses
+
+
+def anchored_layers(model: nn.Module) -> list[tuple[ComposedLinear, ExpertAnchors]]:
+    """The wrapped projections that carry preservation anchors, with them."""
+    return [(layer, layer.anchors) for _, layer in composed_layers(model)
+            if isinstance(getattr(layer, "anchors", None), ExpertAnchors)]

@@ -30,7 +30,16 @@ Choices, each with its flag (defaults from methods.md's [R] table):
   of the sequence. Without a prompt mask (lm-eval, generation) the prompt is unknown, so token t uses the
   mean over tokens 1..t, which keeps the gate causal: for a continuation scored by lm-eval the gate then
   also sees the continuation's earlier tokens, and with left padding the pad tokens. Rows without any
-  prompt token use the same causal mean. Under KV-cached generation each call sees only its new tokens.
+  prompt token use the same causal mean. KV-cached decoding continues each row's pool: in eval mode every
+  gate keeps what it pooled (sum, count), and a forward that passes a non-empty cache (``cache`` /
+  ``past_key_values``, seen by a forward pre-hook on the model) adds its new tokens to it. So without a
+  prompt mask ``generate()`` gates every generated token as a forward over the whole sequence does, cache
+  or no cache; a row whose prompt mask closed its pool in the first forward keeps its prompt gate for all
+  generated tokens (§2.1's reuse; only a cached decode can do that, a full forward has no mask of the
+  grown length). The check is on the cache's length and row count: a continuation that does not match
+  what the gates pooled (a cropped cache, a batch of another size) fails; beam search, which reorders the
+  cache's rows between steps, goes undetected and would mix the beams' pools: decode greedily (lm-eval's
+  default) or by sampling with ``prompt_mean``.
 * ``gate_input`` — ``expert_deltas`` (default): ``z = u_0(x) ⊕ … ⊕ u_{N−1}(x)`` (Eq. 9, ξ = N·d_out);
   ``hidden``: ``z = x`` (ξ = d_in, as the released V&L code).
 * ``gate_norm`` — ``layernorm`` (default; parameter-free, so the gate's only weights remain ``e`` and
@@ -95,17 +104,54 @@ def expert_deltas(experts: LoraExperts, h: Tensor) -> Tensor:
     return torch.einsum("...er,eor->...eo", scaled, experts.lora_B.to(h.dtype))
 
 
-def sequence_gate_input(z: Tensor, prompt_mask: Tensor | None) -> Tensor:
-    """``gate_scope=prompt_mean``: each row's mean over its prompt tokens, for all its tokens; the causal
-    mean over tokens 1..t where there is no prompt mask (or a row has no prompt token). ``z``: [B, S, ξ]."""
-    steps = torch.arange(1, z.shape[1] + 1, device=z.device, dtype=z.dtype)
-    causal = z.cumsum(dim=1) / steps[:, None]
-    if prompt_mask is None or prompt_mask.shape != z.shape[:2]:
-        return causal
-    mask = prompt_mask.to(z.device, z.dtype).unsqueeze(-1)
-    count = mask.sum(dim=1, keepdim=True)
-    prompt = (z * mask).sum(dim=1, keepdim=True) / count.clamp_min(1.0)
-    return torch.where(count > 0, prompt.expand_as(z), causal)
+@dataclass
+class GatePool:
+    """What a ``prompt_mean`` gate has pooled of the sequences so far, per row: the sum and the count of the
+    pooled gate inputs, whether later tokens join the pool (1: causal rows; 0: rows whose prompt closed it),
+    and how many tokens the rows have had (the KV-cache length that a continuing forward must start at)."""
+
+    total: Tensor  # [B, 1, ξ]
+    count: Tensor  # [B, 1, 1]
+    grows: Tensor  # [B, 1, 1]
+    tokens: int
+
+
+def start_pool(z: Tensor, prompt_mask: Tensor | None) -> GatePool:
+    """The pool of new sequences ``z`` [B, S, ξ]: a row with prompt tokens under ``prompt_mask`` (when it
+    describes these tokens) holds its prompt's sum, closed; the other rows start empty and grow causally."""
+    total, count = z.new_zeros(z.shape[0], 1, z.shape[-1]), z.new_zeros(z.shape[0], 1, 1)
+    grows = z.new_ones(z.shape[0], 1, 1)
+    if prompt_mask is not None and prompt_mask.shape == z.shape[:2]:
+        mask = prompt_mask.to(z.device, z.dtype).unsqueeze(-1)
+        prompt_count = mask.sum(dim=1, keepdim=True)
+        has_prompt = prompt_count > 0
+        total = torch.where(has_prompt, (z * mask).sum(dim=1, keepdim=True), total)
+        count = torch.where(has_prompt, prompt_count, count)
+        grows = (~has_prompt).to(z.dtype)
+    return GatePool(total, count, grows, 0)
+
+
+def sequence_gate_input(z: Tensor, pool: GatePool) -> tuple[Tensor, GatePool]:
+    """``gate_scope=prompt_mean``: every token's gate input is the mean of its row's pool, which a growing
+    row's tokens join first (token t: the mean over tokens 1..t); and the pool after these tokens."""
+    total = pool.total + (z * pool.grows).cumsum(dim=1)
+    count = pool.count + pool.grows.expand(-1, z.shape[1], -1).cumsum(dim=1)
+    return total / count, GatePool(total[:, -1:], count[:, -1:], pool.grows, pool.tokens + z.shape[1])
+
+
+@dataclass
+class DecodingState:
+    """Shared by the gates of one model: how many tokens the KV cache of the running forward already holds
+    (set around every forward of the model by :meth:`Mole.inject`'s hooks; 0 outside a forward)."""
+
+    past_tokens: int = 0
+
+
+def cached_tokens(kwargs: dict) -> int:
+    """Length of the KV cache passed to a transformers forward (``cache`` since transformers 5,
+    ``past_key_values`` before), 0 without one. A Python int: no host synchronisation."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
 
 
 def renormalise_kept(gates: Tensor, kept: Tensor) -> Tensor:
@@ -124,20 +170,23 @@ def balance_loss(gates: list[tuple[Tensor, Tensor | None]]) -> Tensor:
 class MoleGate(nn.Module):
     """One gate site: ``g = softmax(Norm(z)ᵀ e / τ)`` in fp32 (at least), ``e = 0`` and ``τ = 1`` at init."""
 
-    def __init__(self, in_features: int, num_experts: int, config: MoleConfig) -> None:
+    def __init__(self, in_features: int, num_experts: int, config: MoleConfig,
+                 decoding: DecodingState | None = None) -> None:
         super().__init__()
         self.e = nn.Parameter(torch.zeros(in_features, num_experts, dtype=torch.float32))
         self.log_tau = nn.Parameter(torch.zeros((), dtype=torch.float32))
         self.scope, self.input, self.norm = config.gate_scope, config.gate_input, config.gate_norm
         self.register_buffer("kept", torch.ones(num_experts, dtype=torch.bool), persistent=False)
         self.masking = False
+        self.decoding = decoding if decoding is not None else DecodingState()
+        self.pool: GatePool | None = None  # eval mode, prompt_mean: what the last forward left for a continuation
 
     def forward(self, x: Tensor, h: Tensor, experts: LoraExperts, context: BatchContext) -> tuple[Tensor, Routing]:
         dtype = torch.promote_types(self.e.dtype, torch.float32)
         z = (expert_deltas(experts, h).flatten(-2) if self.input == "expert_deltas" else x).to(dtype)
         if self.scope == "prompt_mean":
             require(z.dim() == 3, "gate_scope 'prompt_mean' needs inputs shaped [batch, seq, features]")
-            z = sequence_gate_input(z, context.prompt_mask)
+            z = self._pooled(z, context.prompt_mask)
         z = F.layer_norm(z, z.shape[-1:]) if self.norm == "layernorm" else F.normalize(z, dim=-1)
         logits = (z @ self.e.to(dtype)) / self.log_tau.to(dtype).exp()
         gates = logits.softmax(dim=-1)
@@ -145,6 +194,24 @@ class MoleGate(nn.Module):
             gates = renormalise_kept(gates, self.kept)
         flat = gates.reshape(-1, gates.shape[-1])
         return gates, Routing(flat, flat.argmax(dim=-1, keepdim=True), logits.reshape(flat.shape))
+
+    def _pooled(self, z: Tensor, prompt_mask: Tensor | None) -> Tensor:
+        """The gate inputs of ``z`` [B, S, ξ]. A forward that continues a KV cache continues the pool that the
+        eval-mode forwards filling the cache left, instead of pooling its few new tokens alone."""
+        past = self.decoding.past_tokens
+        if past == 0:
+            pool = start_pool(z, prompt_mask)
+        else:
+            pool = self.pool
+            if pool is None or pool.tokens != past or pool.total.shape[0] != z.shape[0]:
+                seen = "nothing" if pool is None else f"{pool.tokens} tokens of {pool.total.shape[0]} rows"
+                raise RuntimeError(f"gate_scope 'prompt_mean': a forward continues a KV cache of {past} tokens "
+                                   f"({z.shape[0]} rows), but the gate pooled {seen} in eval mode before it; "
+                                   "cached decoding must extend the preceding eval-mode forward")
+        z, pool = sequence_gate_input(z, pool)
+        self.pool = None if self.training else GatePool(pool.total.detach(), pool.count.detach(), pool.grows,
+                                                        pool.tokens)
+        return z
 
 
 @register
@@ -154,17 +221,30 @@ class Mole(ComposedAdapter):
     merge_refusal = "its gates mix the LoRA experts with input-dependent weights"
     config: MoleConfig
 
+    def __init__(self, config: MoleConfig) -> None:
+        super().__init__(config)
+        self.decoding = DecodingState()
+
     def site_of(self, module: str) -> str:
         return site_key(module, self.config.gate_level, self.config.gate_block_layers)
 
     def make_site(self, linear: nn.Linear, experts: LoraExperts) -> MoleGate:
         features = (experts.num_experts * linear.out_features if self.config.gate_input == "expert_deltas"
                     else linear.in_features)
-        return MoleGate(features, experts.num_experts, self.config)
+        return MoleGate(features, experts.num_experts, self.config, self.decoding)
 
     def inject(self, model: nn.Module) -> None:
         super().inject(model)
         self.mask_experts(model, self.config.masked_experts)
+        if self.config.gate_scope == "prompt_mean":  # the gates must know when a forward continues a KV cache
+            model.register_forward_pre_hook(self._note_cache, with_kwargs=True)
+            model.register_forward_hook(self._forget_cache, always_call=True)
+
+    def _note_cache(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.decoding.past_tokens = cached_tokens(kwargs)
+
+    def _forget_cache(self, model: nn.Module, args: tuple, output: object) -> None:
+        self.decoding.past_tokens = 0
 
     def mask_experts(self, model: nn.Module, experts: list[int]) -> None:
         """Drop ``experts`` at inference from now on (§2.3); an empty list restores all of them."""
