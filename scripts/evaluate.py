@@ -1,8 +1,11 @@
 """Score a saved adapter with lm-eval on the held-out examples of its run (or a subset of them).
 
-    python scripts/evaluate.py RUN_DIR [--limit N] [--unmerged]
+    python scripts/evaluate.py RUN_DIR [--limit N] [--num-fewshot K] [--max-length L] [--batch-size B] [--unmerged]
 
-Prints the scores and writes RUN_DIR/evaluation.json.
+By default the run's own eval protocol is used (``config.eval`` of RUN_DIR/results.json: limit, few-shot
+count, maximum length, batch size), so that the scores compare with the ones the run reported; each option
+overrides one setting. A folder without results.json (an adapter converted by scripts/convert_mixlora.py)
+gets the defaults of conf/eval/default.yaml. Prints the scores and writes RUN_DIR/evaluation.json.
 """
 
 import argparse
@@ -10,19 +13,41 @@ import json
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from moelab.adapters import MergeError, merge_and_unload
 from moelab.modules.evaluation import lm_eval_scores, mean_score
 from moelab.modules.runs import heldout_tasks, load_trained
+
+EVAL_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml"
+# the lm_eval_scores arguments that change the scores (bootstrap_iters changes only the dropped stderr)
+PROTOCOL = ("limit", "num_fewshot", "max_length", "batch_size")
+
+
+def run_protocol(run_dir: Path) -> dict:
+    """The eval settings ``run_dir`` was scored with: its results.json's ``config.eval``, else conf's defaults."""
+    results = run_dir / "results.json"
+    if results.exists():
+        settings = json.loads(results.read_text()).get("config", {}).get("eval")
+        if settings is None:
+            raise ValueError(f"{results} holds no config.eval: pass every eval setting on the command line")
+    else:
+        settings = OmegaConf.to_container(OmegaConf.load(EVAL_DEFAULTS))
+    return {name: settings.get(name) for name in PROTOCOL}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--limit", type=int, default=None, help="examples per task")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=None, help="examples per task (default: the run's)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the run's)")
+    parser.add_argument("--max-length", type=int, default=None, help="context length (default: the run's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     parser.add_argument("--unmerged", action="store_true", help="score without merging a mergeable adapter")
     args = parser.parse_args()
 
+    overrides = {name: getattr(args, name) for name in PROTOCOL if getattr(args, name) is not None}
+    protocol = {**run_protocol(args.run_dir), **overrides}
     base, adapter = load_trained(args.run_dir)
     model, scored_as = base.model, "unmerged"
     if adapter.mergeable and not args.unmerged:
@@ -31,10 +56,9 @@ def main() -> int:
         except MergeError as error:
             print(f"[moelab] {error}", file=sys.stderr)
             return 1
-    scores = lm_eval_scores(model, base.tokenizer, heldout_tasks(args.run_dir), limit=args.limit,
-                            batch_size=args.batch_size)
-    report = {"label": adapter.label, "scored_as": scored_as, "limit": args.limit, "scores": scores,
-              "mean": mean_score(scores)}
+    scores = lm_eval_scores(model, base.tokenizer, heldout_tasks(args.run_dir), **protocol)
+    report = {"label": adapter.label, "scored_as": scored_as, "protocol": protocol, "overridden": sorted(overrides),
+              "scores": scores, "mean": mean_score(scores)}
     (args.run_dir / "evaluation.json").write_text(json.dumps(report, indent=2))
     for task, metrics in scores.items():
         print(f"{task:<20} " + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))

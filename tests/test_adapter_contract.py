@@ -181,6 +181,74 @@ def test_safe_merge_refuses_nan_and_leaves_base_untouched(name):
             assert torch.equal(value, base_weights[key])
 
 
+def patch_delta(layer, delta: torch.Tensor) -> None:
+    """Make ``layer`` report ``delta`` as its update (the merge machinery is the same for every method)."""
+    layer.get_delta_weight = lambda: delta.clone()
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_safe_merge_checks_the_merged_weight_not_only_the_update(name):
+    model, _ = injected(name)
+    model.to(torch.bfloat16)
+    *_, (last_name, last) = adapter_layers(model)
+    with torch.no_grad():
+        last.base_layer.weight[0, 0] = 3e38  # near bf16's largest value
+    patch_delta(last, torch.full(last.base_layer.weight.shape, 1e38))  # finite, but W + ΔW is not
+    base_weights = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    with pytest.raises(MergeError, match=f"{last_name}.*NaN or Inf .*bfloat16.*nothing was merged"):
+        merge(model, safe_merge=True)
+    assert all(torch.equal(v, base_weights[k]) for k, v in model.state_dict().items() if k in base_weights), \
+        "the layers before the failing one must not change either"
+    assert not any(layer.merged for _, layer in adapter_layers(model))
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_merge_computes_one_update_at_a_time_without_autograd(safe_merge):
+    import weakref
+
+    model, _ = injected("lora")
+    perturb(model)
+    alive, grad_modes = [], []
+    for _, layer in adapter_layers(model):
+        def tracked(compute=layer.get_delta_weight):
+            grad_modes.append(torch.is_grad_enabled())
+            alive[:] = [ref for ref in alive if ref() is not None]
+            assert not alive, "an earlier layer's dense ΔW is still alive"
+            delta = compute()
+            alive.append(weakref.ref(delta))
+            return delta
+        layer.get_delta_weight = tracked
+    merge(model, safe_merge=safe_merge)
+    assert grad_modes and not any(grad_modes), "ΔW must be computed under no_grad (no autograd graph)"
+    assert all(layer.merged for _, layer in adapter_layers(model))
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_loading_adapter_weights_into_merged_layers_is_refused(name):
+    model, _ = injected(name)
+    perturb(model)
+    state = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    merge(model)
+    with pytest.raises(MergeError, match="unmerge"):
+        load_adapter_state_dict(model, state)
+    unmerge(model)
+    load_adapter_state_dict(model, state)
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_disable_adapters_merges_again_only_the_layers_that_were_merged(name, batch):
+    model, _ = injected(name)
+    perturb(model, scale=0.1)
+    expected = logits(model, batch)
+    merge(model.model.layers[0])  # a partly merged model
+    was_merged = {site: layer.merged for site, layer in adapter_layers(model)}
+    assert any(was_merged.values()) and not all(was_merged.values())
+    with disable_adapters(model):
+        pass
+    assert {site: layer.merged for site, layer in adapter_layers(model)} == was_merged
+    torch.testing.assert_close(logits(model, batch), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", NOT_MERGEABLE)
 def test_refuses_to_merge(name):
     model, _ = injected(name)

@@ -27,10 +27,28 @@ from moelab.modules.training import run
 METHODS = ("furina", "lora")
 IDS = token_batch(batch=2, seq=16, seed=3)["input_ids"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+# not conf/eval's defaults, so that scripts/evaluate.py visibly scores with the run's own protocol
+RUN_EVAL_PROTOCOL = ("eval.num_fewshot=1", "eval.max_length=96", "eval.batch_size=4", "eval.limit=5")
 
-# Loads the exports the way a user without moelab would, and fails if moelab was imported on the way.
+# Loads the exports the way a user without moelab would. Any import of moelab fails loudly at once (a
+# meta-path finder that raises, not ImportError, so that no optional-import fallback swallows it), every
+# attempt is recorded, and the check afterwards also catches a moelab module that was already loaded.
 VANILLA = textwrap.dedent("""
     import sys
+    attempts = []
+    class NoMoelab:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "moelab":
+                attempts.append(name)
+                raise RuntimeError(f"the export needs moelab: something imported {name}")
+            return None
+    sys.meta_path.insert(0, NoMoelab())
+    try:
+        import moelab
+    except RuntimeError:
+        attempts.clear()  # the blocker works
+    else:
+        raise AssertionError("the moelab import blocker is not active")
     from pathlib import Path
     import torch
     from peft import PeftModel
@@ -44,6 +62,7 @@ VANILLA = textwrap.dedent("""
         with torch.no_grad():
             out[f"{method}/merged"], out[f"{method}/peft"] = merged(ids).logits, peft(ids).logits
         out[f"{method}/tokens"] = torch.tensor(AutoTokenizer.from_pretrained(export).encode("12+30="))
+    assert not attempts, f"moelab imports were attempted: {attempts}"
     assert not [name for name in sys.modules if name.split(".")[0] == "moelab"], "moelab was imported"
     torch.save(out, root / "vanilla.pt")
 """)
@@ -66,7 +85,8 @@ def runs(tmp_path_factory):
         # one thread: tiny matmuls gain nothing from two, and lose a lot when another process holds a core
         run(compose_config("model=tiny_random", "data=tiny", f"adapter={method}", "trainer.max_steps=3",
                            "module.optimizer.lr=1e-2", "eval.enabled=false", "logger=none", "callbacks=none",
-                           "trainer.limit_val_batches=1", "threads=1", f"paths.output_dir={root / method}"))
+                           "trainer.limit_val_batches=1", "threads=1", *RUN_EVAL_PROTOCOL,
+                           f"paths.output_dir={root / method}"))
     torch.set_num_threads(threads)
     script = ROOT / "scripts" / "export_merged.py"
     argv = [str(script), str(root / "furina"), str(root / "furina-export"), "--peft"]
@@ -179,3 +199,22 @@ def test_ambiguous_short_target_names_become_full_paths():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(logits(theirs), logits(model), rtol=0, atol=1e-5)
+
+
+def evaluate_script(run_dir, *options: str) -> dict:
+    """scripts/evaluate.py run in this process with lm-eval replaced: the arguments it would score with."""
+    script = ROOT / "scripts" / "evaluate.py"
+    with mock.patch("moelab.modules.evaluation.lm_eval_scores", return_value={"t": {"acc": 0.5}}) as scorer, \
+            mock.patch.object(sys, "argv", [str(script), str(run_dir), *options]), \
+            pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exited.value.code == 0
+    return scorer.call_args.kwargs
+
+
+def test_evaluate_scores_with_the_runs_own_protocol_unless_overridden(runs):
+    assert evaluate_script(runs / "lora") == {"limit": 5, "num_fewshot": 1, "max_length": 96, "batch_size": 4}
+    overridden = evaluate_script(runs / "lora", "--max-length", "64", "--limit", "2")
+    assert overridden == {"limit": 2, "num_fewshot": 1, "max_length": 64, "batch_size": 4}
+    report = json.loads((runs / "lora" / "evaluation.json").read_text())
+    assert report["protocol"] == overridden and report["overridden"] == ["limit", "max_length"]

@@ -8,7 +8,14 @@ from conftest import randomize_adapter, tiny_model, token_batch
 from torch import nn
 
 import moelab.adapters.furina as furina
-from moelab.adapters import AdapterConfigError, adapter_layers, inject, merge_and_unload
+from moelab.adapters import (
+    AdapterConfigError,
+    adapter_layers,
+    adapter_state_dict,
+    inject,
+    load_adapter_state_dict,
+    merge_and_unload,
+)
 from moelab.adapters.base import BatchContext
 from moelab.adapters.furina import FurinaConfig, FurinaLinear
 from moelab.adapters.lora import LoraConfig, LoraLinear
@@ -152,6 +159,22 @@ def test_merged_equals_unmerged_after_training():
     assert (merged - unmerged).abs().max() <= 1e-5
 
 
+def test_bf16_base_adds_the_fp32_update_before_one_cast():
+    torch.manual_seed(0)
+    module = FurinaLinear(nn.Linear(64, 48).to(torch.bfloat16), FurinaConfig(num_experts=4, r=3, lora_dropout=0.0))
+    with torch.no_grad():
+        for parameter in (module.experts.lora_A, module.experts.lora_B, module.magnitude):
+            parameter.normal_(0.0, 0.3)
+    module.eval()
+    x = torch.randn(50, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        out = module(x)
+        update = x.double() @ module.get_delta_weight().double().T
+        rounded_once = (module.base_layer(x).double() + update).to(torch.bfloat16)
+    # rounding the fp32 update to bf16 before the add would miss about a quarter of these entries
+    assert out.dtype == torch.bfloat16 and (out != rounded_once).float().mean() < 0.01
+
+
 @pytest.mark.parametrize("num_experts", [1, 3])
 def test_shared_experts_only_is_plain_lora(num_experts):
     torch.manual_seed(0)
@@ -216,6 +239,16 @@ def test_unscaled_activations_ignore_v():
     module(HAND_X[None])
     # activations |x_j|: the first token's shares are (9, 1.5, 0) / 10.5
     torch.testing.assert_close(module.routing.probs[0], torch.tensor([6 / 7, 1 / 7, 0.0]), rtol=0, atol=1e-6)
+
+
+def test_unscaled_activations_reuse_the_forwards_row_norms(monkeypatch):
+    module = layer(dtype=torch.float32, loss_activation="unscaled")
+    module.train()
+    calls = []
+    row_norms = module.row_norms
+    monkeypatch.setattr(module, "row_norms", lambda: calls.append(1) or row_norms())
+    module(torch.randn(6, 12))
+    assert module.routing is not None and len(calls) == 1, "d_j once per training forward"
 
 
 def test_output_norms_equal_the_direct_norms():
@@ -288,3 +321,94 @@ def test_inference_reuses_the_normalised_experts_until_the_weights_change():
         second = layer.inference_B()
     assert second is not first
     torch.testing.assert_close(second, layer.effective_B())
+
+
+# -- the inference cache stays fresh ----------------------------------------------------------------------
+
+
+def cache_x(module: FurinaLinear) -> torch.Tensor:
+    x = torch.randn(2, 5, module.base_layer.in_features, generator=torch.Generator().manual_seed(5))
+    return x.to(module.base_layer.weight.dtype)
+
+
+def cached_model():
+    """A trained-looking FURINA model in eval mode whose layers have filled their inference cache."""
+    model, _ = tiny_model()
+    adapter = inject(model, FurinaConfig())
+    randomize_adapter(model, scale=0.1)
+    model.eval()
+    for _, module in adapter_layers(model):
+        with torch.no_grad():
+            module(cache_x(module))
+        assert module._inference_cache is not None
+    return model, adapter, next(module for _, module in adapter_layers(model))
+
+
+def assert_fresh(module: FurinaLinear) -> None:
+    """The cached path (eval, no autograd) gives what computing afresh gives, B and output alike."""
+    module.eval()
+    x = cache_x(module)
+    with torch.no_grad():
+        cached_B, cached_out = module.inference_B(), module(x)
+    fresh_B = module.effective_B().detach()
+    assert torch.equal(cached_B, fresh_B), f"stale cache: off by {(cached_B - fresh_B).abs().max():.3g}"
+    with torch.enable_grad():
+        assert torch.equal(cached_out, module(x).detach())
+
+
+def test_cache_is_fresh_after_an_optimizer_step():
+    model, adapter, module = cached_model()
+    train_steps(model, adapter, steps=1, lr=1e-2)
+    assert_fresh(module)
+
+
+def test_cache_is_fresh_after_loading_adapter_weights():
+    model, _, module = cached_model()
+    other, _ = tiny_model()
+    inject(other, FurinaConfig())
+    randomize_adapter(other, scale=0.1, seed=9)
+    load_adapter_state_dict(model, adapter_state_dict(other))
+    assert module._inference_cache is None, "the load goes through the layer's load_state_dict pre-hook"
+    assert_fresh(module)
+    with torch.no_grad():
+        module(cache_x(module))
+    model.load_state_dict(model.state_dict())  # plain torch loading too
+    assert module._inference_cache is None
+
+
+def test_cache_is_fresh_after_dtype_round_trips():
+    model, _, module = cached_model()
+    model.to(torch.bfloat16)
+    assert module._inference_cache is None and module.experts.lora_B.dtype == torch.bfloat16
+    assert_fresh(module)
+    model.to(torch.float32)
+    assert_fresh(module)
+
+
+def test_cache_is_dropped_on_a_train_eval_switch_after_a_data_write():
+    model, _, module = cached_model()
+    module.magnitude.data.mul_(2.0)  # bypasses the version counter, like FSDP's storage swaps
+    model.train()
+    model.eval()
+    assert_fresh(module)
+
+
+def test_cache_is_not_used_in_training_mode():
+    model, _, module = cached_model()
+    model.train()
+    with torch.no_grad():
+        module(cache_x(module))
+    assert module._inference_cache is None, "no_grad alone (a validation step inside fit) does not cache"
+
+
+def test_inference_mode_computes_without_a_version_counter():
+    model, _, module = cached_model()
+    with torch.inference_mode():
+        assert torch.equal(module.inference_B(), module.effective_B())
+    with torch.inference_mode():  # built here, the tensors are inference tensors without a version counter
+        built = layer(dtype=torch.float32)
+        built.eval()
+        x = torch.randn(3, 12)
+        expected = built.base_layer(x) + x @ reference_delta(built).T
+        torch.testing.assert_close(built(x), expected, rtol=1e-5, atol=1e-5)
+        assert built._inference_cache is None

@@ -37,7 +37,8 @@ class AdapterConfigError(ValueError):
 
 
 class MergeError(RuntimeError):
-    """Raised when a method cannot be merged into the base weights, or a safe merge finds NaN/Inf."""
+    """Raised when a method cannot be merged into the base weights, a safe merge finds NaN/Inf, or adapter
+    weights are loaded into merged layers."""
 
 
 def require(condition: bool, message: str) -> None:
@@ -386,7 +387,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "state dict") -> None:
-    """Copy adapter tensors into an injected model; missing, unexpected or misshapen keys fail by name."""
+    """Copy adapter tensors into an injected model; missing, unexpected or misshapen keys fail by name.
+
+    Refused while layers are merged: their base weights hold the old ``ΔW``, and unmerging after the load
+    would subtract the new one. The tensors go in through each adapter module's ``load_state_dict``, so
+    that modules which keep weight-derived caches (FURINA) see the load through their pre-hooks.
+    """
+    merged = [name for name, layer in adapter_layers(model) if layer.merged]
+    if merged:
+        raise MergeError(f"{source}: {len(merged)} adapter layer(s) are merged into the base weights "
+                         f"({merged[0]}{', ...' if len(merged) > 1 else ''}); call unmerge(model) before loading "
+                         "adapter weights, or unmerging later would subtract the new update from the old one")
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -397,9 +408,11 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor], source: 
         if state[key].shape != target.shape:
             raise AdapterConfigError(f"{source}: {key} has shape {tuple(state[key].shape)}, "
                                      f"the model expects {tuple(target.shape)}")
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(state[key])
+    for name, module in adapter_modules(model):
+        prefix = f"{name}."
+        # strict=False: the frozen base_layer keys are absent by design; every adapter key was checked above
+        module.load_state_dict({key.removeprefix(prefix): value for key, value in state.items()
+                                if key.startswith(prefix)}, strict=False)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -425,32 +438,44 @@ def _refuse_unless_mergeable(model: nn.Module) -> None:
 
 
 def merge(model: nn.Module, safe_merge: bool = False) -> None:
-    """Add every layer's ``ΔW`` to its base weight. With ``safe_merge`` all deltas are checked for
-    NaN/Inf first, and nothing is changed if any is found. Merging twice warns and changes nothing."""
+    """Add every layer's ``ΔW`` to its base weight, one layer at a time and without autograd, so that a
+    single dense ``ΔW`` is alive at any moment. With ``safe_merge`` every merged weight ``W + ΔW`` is checked
+    for NaN/Inf first (PEFT checks the sum too: a finite ``ΔW`` can still overflow a bf16/fp16 base), and
+    nothing changes if any fails. Merging twice warns and changes nothing."""
     _refuse_unless_mergeable(model)
-    pending = [(name, layer) for name, layer in adapter_layers(model) if not layer.merged]
-    if len(pending) < len(list(adapter_layers(model))):
+    layers = list(adapter_layers(model))
+    pending = [(name, layer) for name, layer in layers if not layer.merged]
+    if len(pending) < len(layers):
         warnings.warn("some adapter layers are already merged; merging only the others", stacklevel=2)
-    deltas = [(name, layer, layer.get_delta_weight()) for name, layer in pending]
     if safe_merge:
-        for name, _, delta in deltas:
-            if not torch.isfinite(delta).all():
-                raise MergeError(f"safe merge: the update of {name} contains NaN or Inf; nothing was merged")
+        _check_merged_weights(pending)
+    _add_deltas(pending, sign=1)
+
+
+def _check_merged_weights(layers: list[tuple[str, AdapterLayer]]) -> None:
+    """Safe merge: ``W + ΔW`` of every layer must be finite in the base dtype. All layers are checked before
+    any is written, so that a failure leaves the weights bit for bit as they were (subtracting ``ΔW`` again
+    would not restore bf16 weights exactly); the price is computing each ``ΔW`` twice."""
     with torch.no_grad():
-        for _, layer, delta in deltas:
+        for name, layer in layers:
             weight = layer.base_layer.weight
-            weight.add_(delta.to(weight.dtype))
-            layer.merged = True
+            if not torch.isfinite((weight + layer.get_delta_weight()).to(weight.dtype)).all():
+                raise MergeError(f"safe merge: W + ΔW of {name} contains NaN or Inf (in {weight.dtype}); "
+                                 "nothing was merged")
+
+
+def _add_deltas(layers: list[tuple[str, AdapterLayer]], sign: int) -> None:
+    """``W ← W ± ΔW`` layer by layer (``sign`` = ±1), marking the layers merged or unmerged. The in-place add
+    keeps ``ΔW``'s (at least fp32) precision and rounds the sum to the base dtype once, as PEFT's does."""
+    with torch.no_grad():
+        for _, layer in layers:
+            layer.base_layer.weight.add_(layer.get_delta_weight(), alpha=sign)
+            layer.merged = sign > 0
 
 
 def unmerge(model: nn.Module) -> None:
     """Subtract every merged layer's ``ΔW`` again, restoring the base weights (up to rounding)."""
-    with torch.no_grad():
-        for _, layer in adapter_layers(model):
-            if layer.merged:
-                weight = layer.base_layer.weight
-                weight.sub_(layer.get_delta_weight().to(weight.dtype))
-                layer.merged = False
+    _add_deltas([(name, layer) for name, layer in adapter_layers(model) if layer.merged], sign=-1)
 
 
 def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
@@ -465,11 +490,11 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Inside the context every adapter layer returns its base layer's output (unmerging if needed)."""
+    """Inside the context every adapter layer returns its base layer's output. Layers that were merged are
+    unmerged for it and merged again on exit — those layers only, not every layer."""
     layers = [layer for _, layer in adapter_layers(model)]
-    was_merged = any(layer.merged for layer in layers)
-    if was_merged:
-        unmerge(model)
+    merged = [(name, layer) for name, layer in adapter_layers(model) if layer.merged]
+    _add_deltas(merged, sign=-1)
     previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
@@ -478,5 +503,4 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     finally:
         for layer, state in zip(layers, previous, strict=True):
             layer.disabled = state
-        if was_merged:
-            merge(model)
+        _add_deltas(merged, sign=1)

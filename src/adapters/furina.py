@@ -26,8 +26,11 @@ Expert selection loss (§6.3, the concrete version), per layer and over the non-
     aux    = α (L_div + L_bal)       (reported as ``selection_div`` and ``selection_bal``; the trainer
                                       averages each over layers)
 
-The activations are computed cheaply and exactly as ``a_j² = h_jᵀ (B̂_jᵀ B̂_j) h_j`` with ``h_j = A_j x``
-and ``B̂_j`` the row-scaled ``B_j`` (r × r Gram matrices instead of a [tokens, N_sr, d_out] tensor). They
+The activations are computed cheaply and exactly as ``a_j² = h_jᵀ (B̂_jᵀ B̂_j) h_j`` with ``B̂_j`` the
+row-scaled ``B_j`` (r × r Gram matrices instead of a [tokens, N_sr, d_out] tensor) and ``h_j = A_j dropout(x)``,
+the forward's own down projection: in training the activations see the same dropout mask as the output, so
+with ``lora_dropout > 0`` they are ``‖v ⊙ Ŵ_j dropout(x)‖₂`` (the paper does not say which; reusing ``h`` costs
+no second pass over x, and eval has no dropout). ``unscaled`` reuses the forward's ``d_j`` as well. They
 feed the loss and the routing statistics only and never the output. They are computed in training, and in
 eval mode only when the trainer has set a token mask for these tokens (held-out routing statistics);
 a plain eval forward (lm-eval, latency) costs the adapter matmuls and nothing more. Every such forward
@@ -140,6 +143,11 @@ def selection_loss(activations: Tensor, top_k: int, mask: Tensor | None) -> tupl
     return shares, top, divergence, balance
 
 
+def _forget_inference_B_on_load(module: FurinaLinear, *args) -> None:
+    """``load_state_dict`` pre-hook (a module-level function, so that the layer still pickles)."""
+    module.forget_inference_B()
+
+
 class FurinaLinear(AdapterLayer):
     """``nn.Linear`` plus N_SE shared LoRA experts and N_sr self-routing experts with a shared magnitude ``v``."""
 
@@ -150,6 +158,8 @@ class FurinaLinear(AdapterLayer):
         self.num_self_routing = config.num_self_routing
         self.experts = config.make_experts(base_layer, config.num_experts)
         self.losses: dict[str, Tensor] = {}
+        self._inference_cache: tuple[tuple, Tensor] | None = None
+        self.register_load_state_dict_pre_hook(_forget_inference_B_on_load)
         if self.num_self_routing:
             self.magnitude = nn.Parameter(torch.zeros(base_layer.out_features, dtype=self.experts.lora_B.dtype,
                                                       device=self.experts.lora_B.device))
@@ -175,44 +185,86 @@ class FurinaLinear(AdapterLayer):
         b = self.experts.lora_B[self.num_shared:]
         return b.to(adapter_dtype(b.dtype)) / (self.row_norms() + self.config.eps)[..., None]
 
-    def effective_B(self) -> Tensor:
+    def effective_B(self, directions: Tensor | None = None) -> Tensor:
         """``[B_1 … B_N]`` with ``B̃_j = diag(v) diag(d_j + ε)⁻¹ B_j`` for the self-routing experts (§6.4);
-        the stack's scale (``α/r`` for shared experts, 1 otherwise) applies on top."""
+        the stack's scale (``α/r`` for shared experts, 1 otherwise) applies on top. ``directions`` are those
+        of :meth:`directions` when the caller has them already."""
         shared = self.experts.lora_B[:self.num_shared]
         if not self.num_self_routing:
             return shared
-        routed = self.magnitude.to(adapter_dtype(self.magnitude.dtype))[:, None] * self.directions()
+        directions = self.directions() if directions is None else directions
+        routed = self.magnitude.to(adapter_dtype(self.magnitude.dtype))[:, None] * directions
         return torch.cat([shared, routed.to(shared.dtype)])
+
+    # -- the inference cache -----------------------------------------------------------------------------
+
+    def inference_B(self) -> Tensor:
+        """:meth:`effective_B`, cached for forwards without autograd in eval mode (lm-eval, generation),
+        where the normalisation is weight-side work that would otherwise be redone for every token.
+
+        The cache is dropped whenever the weights may have changed behind autograd's back: on
+        ``train()``/``eval()``, on ``.to()``/``.cuda()``/dtype casts (``_apply``) and on ``load_state_dict``
+        (which :func:`~moelab.adapters.base.load_adapter_state_dict` goes through). Within one eval phase
+        the tensors' version counters, storage, dtype and device must also match, which catches in-place
+        updates such as an optimiser step. What none of these sees is a write through ``.data`` (FSDP's
+        storage swaps, ``p.data.mul_()``) with no mode switch in between: call :meth:`forget_inference_B`
+        after one. Inference-mode tensors keep no version counter, so for them nothing is cached."""
+        key = self._weights_key()
+        if key is None:
+            return self.effective_B()
+        cached = self._inference_cache
+        if cached is None or cached[0] != key:
+            cached = self._inference_cache = (key, self.effective_B())
+        return cached[1]
+
+    def forget_inference_B(self) -> None:
+        """Drop the cached :meth:`inference_B`; the next plain eval forward computes it afresh."""
+        self._inference_cache = None
+
+    def _weights_key(self) -> tuple | None:
+        tensors = (self.experts.lora_A, self.experts.lora_B, self.experts.scaling,
+                   *([self.magnitude] if self.num_self_routing else []))
+        try:
+            return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            return None
+
+    def train(self, mode: bool = True) -> FurinaLinear:
+        self.forget_inference_B()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.forget_inference_B()  # the cached tensor is a plain attribute: .to() would leave it behind
+        return super()._apply(fn, recurse)
 
     # -- forward -------------------------------------------------------------------------------------------
 
-    def inference_B(self) -> Tensor:
-        """:meth:`effective_B`, cached while the weights stay as they are: without autograd (lm-eval,
-        generation) the normalisation is weight-side work that would otherwise be redone for every token.
-        The key holds the tensors' version counters, which every in-place update (optimiser step,
-        ``load_state_dict``) advances, and their storage, which ``.to()`` replaces."""
-        tensors = (self.experts.lora_A, self.experts.lora_B, *([self.magnitude] if self.num_self_routing else []))
-        key = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
-        if getattr(self, "_inference_key", None) != key:
-            self._inference_key, self._inference_B = key, self.effective_B()
-        return self._inference_B
-
     def adapted_forward(self, x: Tensor) -> Tensor:
         h = self.experts.down(x)  # [..., N, r]: every expert's A_j x
-        b = self.effective_B() if torch.is_grad_enabled() else self.inference_B()
-        out = self.base_layer(x) + self.experts.up(h, b).to(x.dtype)
+        directions = None
+        if self.training or torch.is_grad_enabled():
+            directions = self.directions() if self.num_self_routing else None
+            b = self.effective_B(directions)
+        else:
+            b = self.inference_B()
+        result = self.base_layer(x)
+        # the adapter's fp32 output is added before the single cast to the base dtype, as PEFT does
+        out = (result + self.experts.up(h, b)).to(result.dtype)
         self.routing, self.losses = None, {}
         if self.num_self_routing:
-            self._observe_selection(h[..., self.num_shared:, :].flatten(0, -3), b[self.num_shared:])
+            self._observe_selection(h[..., self.num_shared:, :].flatten(0, -3), b[self.num_shared:], directions)
         return out
 
-    def _observe_selection(self, h: Tensor, routed_B: Tensor) -> None:
+    def _observe_selection(self, h: Tensor, routed_B: Tensor, directions: Tensor | None) -> None:
         """Selection loss and routing record from the self-routing experts' ``h_j = A_j x`` [T, N_sr, r];
-        skipped in a plain eval forward."""
+        skipped in a plain eval forward. ``directions``: the forward's, when it computed them."""
         mask = self.context.flat_token_mask(h.shape[0])
         if not (self.training or mask is not None):
             return
-        b = routed_B if self.config.loss_activation == "scaled" else self.directions()
+        if self.config.loss_activation == "scaled":
+            b = routed_B
+        else:
+            b = self.directions() if directions is None else directions
         dtype = adapter_dtype(h.dtype)  # the loss in at least fp32, like every router
         activations = output_norms(h.to(dtype), b.to(dtype))
         shares, top, divergence, balance = selection_loss(activations, self.config.top_k, mask)

@@ -5,6 +5,8 @@
 * Init (PEFT ``init_lora_weights=True``): ``A`` as ``nn.Linear`` does (``kaiming_uniform_(a=√5)``), ``B = 0``,
   so the model starts exactly at the base model; ``"gaussian"``: ``A ~ N(0, 1/r)``.
 * Dropout acts on the input of ``A`` only (methods.md §1.2).
+* Precision: adapter weights stay fp32 under a bf16/fp16 base, and the LoRA output is added to the base
+  output before one cast to the base dtype (PEFT's ``result + lora_B(...)``, then ``.to(result.dtype)``).
 * Merge: ``W ← W0 + s B A`` (PEFT's ``get_delta_weight``); unmerge subtracts it again.
 * Targets: module names (suffix match) or ``"all-linear"`` (every linear except the LM head). PEFT's LLaMA
   default is ``q_proj, v_proj``; so is ours.
@@ -27,7 +29,6 @@ from .base import Adapter, AdapterConfig, AdapterLayer, register, require
 from .experts import LoraExperts, adapter_dtype
 
 LORA_INITS = ("default", "gaussian", "random")
-
 
 
 @dataclass(kw_only=True)
@@ -63,7 +64,9 @@ class LoraLinear(AdapterLayer):
         self.lora = config.make_experts(base_layer, num_experts=1)
 
     def adapted_forward(self, x: Tensor) -> Tensor:
-        return self.base_layer(x) + self.lora(x).to(x.dtype)
+        result = self.base_layer(x)
+        # PEFT adds the (fp32, under a bf16 base) LoRA output to the base output and casts once
+        return (result + self.lora(x)).to(result.dtype)
 
     def get_delta_weight(self) -> Tensor:
         return self.lora.delta_weight()

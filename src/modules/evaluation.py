@@ -3,8 +3,9 @@
 The trained model is wrapped in lm-eval's ``HFLM`` as it is in memory (merged first when the method
 allows it) and scored with ``simple_evaluate`` on the task configs the data module writes. Base-model
 scores are computed the same way and cached on disk, keyed by everything that determines them: the base
-model's identity, the exact task configs and held-out file contents, the limit, the few-shot count and
-the lm-eval version — and "no adapter", so that no adapter's scores can be served as base scores.
+model's identity, the exact task configs and held-out file contents, the limit, the few-shot count, the
+maximum length, the batch size and the library versions — and "no adapter", so that no adapter's scores
+can be served as base scores.
 """
 
 from __future__ import annotations
@@ -53,9 +54,18 @@ def mean_score(scores: dict[str, dict[str, float]], metric: str = "acc") -> floa
 
 
 def base_score_key(model_identity: str, tasks: list[dict[str, Any]], limit: int | float | None,
-                   num_fewshot: int | None) -> dict[str, Any]:
-    """Everything the base-model scores depend on; the cache file is named by its hash."""
+                   num_fewshot: int | None, *, max_length: int | None,
+                   batch_size: int | None) -> dict[str, Any]:
+    """Everything the base-model scores depend on; the cache file is named by its hash.
+
+    ``max_length`` changes how long contexts are truncated. ``batch_size`` matters too, if only slightly:
+    lm-eval right-pads each batch to its longest request, and other shapes run other kernels, so that
+    near-ties can flip. The library versions cover changed defaults (transformers' attention kernel) and
+    numerics. ``bootstrap_iters`` only changes the stderr entries, which the scores drop.
+    """
     import lm_eval
+    import torch
+    import transformers
 
     task_digests = {}
     for task in tasks:
@@ -63,7 +73,8 @@ def base_score_key(model_identity: str, tasks: list[dict[str, Any]], limit: int 
         content = json.dumps({k: v for k, v in task.items() if k != "dataset_kwargs"}, sort_keys=True)
         task_digests[task["task"]] = hashlib.sha256(content.encode() + data_file.read_bytes()).hexdigest()
     return {"model": model_identity, "adapter": None, "tasks": task_digests, "limit": limit,
-            "num_fewshot": num_fewshot, "lm_eval": lm_eval.__version__}
+            "num_fewshot": num_fewshot, "max_length": max_length, "batch_size": batch_size,
+            "lm_eval": lm_eval.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
 
 def cached_scores(cache_dir: str | Path, key: dict[str, Any],

@@ -86,15 +86,20 @@ def load_pretrained(name: str, pretrained: str, dtype: str = "float32", asset: s
     if tokenizer.pad_token_id is None:  # causal LMs often ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     model.train()  # from_pretrained returns eval mode, which would keep dropout off during fit
-    return BaseModel(name, model, tokenizer, _identity(name, pretrained, dtype, revision))
+    return BaseModel(name, model, tokenizer, _identity(name, pretrained, dtype, revision, attn_implementation))
 
 
-def _identity(name: str, pretrained: str, dtype: str, revision: str | None) -> str:
+def _identity(name: str, pretrained: str, dtype: str, revision: str | None,
+              attn_implementation: str | None = None) -> str:
+    """Names the weights, the dtype and the attention kernel (eager, sdpa and flash attention round
+    differently, so their scores differ too). Without ``attn_implementation`` the string is what it was
+    before the kernel was part of it, so that earlier runs still match their base model."""
+    kernel = f":attn={attn_implementation}" if attn_implementation else ""
     config = Path(pretrained) / "config.json"
     weights = sorted(Path(pretrained).glob("*.safetensors")) if Path(pretrained).is_dir() else []
     if config.exists():
         stamp = json.dumps(json.loads(config.read_text()), sort_keys=True)
         stamp += "".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
         digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
-        return f"{name}:{dtype}:{digest}"
-    return f"{name}:{pretrained}@{revision or 'main'}:{dtype}"
+        return f"{name}:{dtype}:{digest}{kernel}"
+    return f"{name}:{pretrained}@{revision or 'main'}:{dtype}{kernel}"
