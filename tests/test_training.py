@@ -12,9 +12,10 @@ import torch
 from conftest import ROOT, compose_config
 from safetensors.torch import load_file
 
-from moelab.adapters import merge_and_unload, register
+from moelab.adapters import AdapterConfigError, merge_and_unload, register
 from moelab.adapters.base import _REGISTRY
 from moelab.adapters.lora import Lora, LoraConfig, LoraLinear
+from moelab.adapters.routing import RoutingStatistics
 from moelab.modules.evaluation import lm_eval_scores
 from moelab.modules.runs import heldout_tasks, load_trained
 from moelab.modules.training import run
@@ -145,6 +146,28 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(aux_probe, tmp_path):
     with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 2"):
         run(probe_config(tmp_path, "trainer.max_steps=5", "+adapter.nan_at_call=9"))
     assert "FloatingPointError" in (tmp_path / "error.txt").read_text()
+
+
+# -- methods trained in stages ------------------------------------------------------------------------
+
+
+def test_stage_lengths_that_do_not_fit_fail_before_the_model_loads(tmp_path):
+    cfg = compose_config("model=smollm2_135m", f"model.pretrained={tmp_path / 'no-such-model'}", "model.asset=null",
+                         "data=tiny", "adapter=mole", "adapter.experts.stage1_steps=5", "trainer.max_steps=5",
+                         "logger=csv", "callbacks=none", f"paths.output_dir={tmp_path / 'run'}")
+    with pytest.raises(AdapterConfigError, match=r"experts.stage1_steps \(5\) leaves no step"):
+        run(cfg)
+
+
+def test_training_routing_statistics_describe_the_last_stage_only(tmp_path):
+    results = run(compose_config("model=tiny_random", "data=tiny", "adapter=mole", "adapter.experts.stage1_steps=3",
+                                 "trainer.max_steps=5", "logger=csv", "callbacks=none", "eval.enabled=false",
+                                 f"paths.output_dir={tmp_path}"))
+    train = RoutingStatistics.from_state_dict(torch.load(tmp_path / "routing.pt")["train"])
+    tokens_per_site = train.sums["tokens"].sum(dim=-1)
+    assert 0 < tokens_per_site.max() < results["timings"]["train_tokens"], "the hard stage's tokens are not counted"
+    # hard routing is one-hot (entropy 0); the gates start uniform and have moved two steps only
+    assert results["routing"]["train"]["routing/entropy"] > 0.9
 
 
 # -- the real offline default model --------------------------------------------------------------------

@@ -7,6 +7,7 @@ from .base import (
     AdapterLayer,
     AdapterModule,
     MergeError,
+    adapter_for,
     adapter_layers,
     adapter_modules,
     adapter_parameters,
@@ -27,7 +28,7 @@ from .base import (
 
 __all__ = [
     "Adapter", "AdapterConfig", "AdapterConfigError", "AdapterLayer", "AdapterModule", "MergeError",
-    "adapter_layers", "adapter_modules", "adapter_parameters", "adapter_state_dict", "config_from_dict",
+    "adapter_for", "adapter_layers", "adapter_modules", "adapter_parameters", "adapter_state_dict", "config_from_dict",
     "count_parameters", "disable_adapters", "get_adapter_class", "inject", "load_adapter_state_dict", "merge",
     "merge_and_unload", "register", "registered_adapters", "routed_modules", "unmerge",
 ]

@@ -7,8 +7,9 @@ contract: which parameters train, training stages, auxiliary losses, routing rec
   step when it is not finite;
 * routing statistics from every routed module's last forward, summed per site × expert × task (so they
   reduce exactly across batches and DDP ranks), logged every ``routing_log_every`` steps as a bounded set
-  of W&B keys (per-site detail behind ``routing_per_layer``); the cumulative training and held-out
-  tensors are kept for results.json and the activation maps;
+  of W&B keys (per-site detail behind ``routing_per_layer``); the cumulative training tensor (of the last
+  training stage, for methods trained in stages) and the held-out tensor are kept for results.json and the
+  activation maps;
 * tokens/s, step time, learning rate; adapter-only checkpoints (the frozen base is never written).
 """
 
@@ -92,6 +93,10 @@ class AdapterLM(L.LightningModule):
         if due and due[-1] != self.stage:
             self.stage = due[-1]
             self.adapter.enter_stage(self.model, self.stage)
+            # Training statistics describe the current stage only: a stage that forces the routing (hard
+            # routing by task id) would otherwise swamp the routing the next stage learns.
+            for stats in (self.routing["train"], self.routing["window"]):
+                stats.reset()
             self.print(f"[moelab] step {self.global_step}: adapter stage {self.stage!r}")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moelab.adapters import (
     AdapterConfig,
+    adapter_for,
     adapter_state_dict,
     config_from_dict,
     count_parameters,
@@ -108,6 +109,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     # 1. Everything that can be wrong with the configs or the data fails here, before a model is loaded.
     method_config = adapter_config(cfg)
+    adapter_for(method_config)(method_config).stage_schedule(cfg.trainer.max_steps)  # stage lengths vs max_steps
     budget = plan_budget(cfg.get("budget"), method_config)
     datamodule = instantiate(cfg.data)
     split_report = datamodule.prepare_examples(out_dir / "data")
@@ -141,7 +143,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         base_scores, base_cached = {}, False
         if eval_tasks and cfg.eval.base and trainer.is_global_zero:
             tick = time.perf_counter()
-            key = base_score_key(base.identity, eval_tasks, cfg.eval.limit, cfg.eval.num_fewshot)
+            key = base_score_key(base.identity, eval_tasks, cfg.eval.limit, cfg.eval.num_fewshot,
+                                 max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size)
             with disable_adapters(base.model):
                 base_scores, base_cached = cached_scores(Path(cfg.paths.cache_dir) / "base_scores", key,
                                                          lambda: _score(base.model, base.tokenizer, eval_tasks, cfg))
