@@ -20,7 +20,7 @@ PAPER = {"source": "Some paper", "table": "Table 1", "model": "Big-LM", "tasks":
 
 
 def write_run(root, name, method, seed, scores, fidelity="official-code-parity", overrides=(), paper=PAPER,
-              routing=None, max_steps=10, budget=None, trainable=1000):
+              routing=None, max_steps=10, budget=None, trainable=1000, lr=2e-4):
     """A run folder as training writes it: results.json, .hydra/overrides.yaml, routing.pt when it routes."""
     folder = root / name
     (folder / ".hydra").mkdir(parents=True)
@@ -34,7 +34,8 @@ def write_run(root, name, method, seed, scores, fidelity="official-code-parity",
                "metric": "acc", "scores": {task: {"acc": value} for task, value in scores.items()},
                "base_scores": {"arc_easy": {"acc": 0.25}, "piqa": {"acc": 0.5}},
                "routing": {"train": summary, "heldout": summary},
-               "config": {"trainer": {"max_steps": max_steps}, "data": {"batch_size": 8}, "paper": paper}}
+               "config": {"trainer": {"max_steps": max_steps}, "data": {"batch_size": 8}, "paper": paper,
+                          "module": {"optimizer": {"lr": lr}}}}
     (folder / "results.json").write_text(json.dumps(results))
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={seed}", *overrides]))
     if routing is not None:
@@ -151,6 +152,12 @@ def test_overrides_that_vary_split_a_method_into_rows(tmp_path):
     names = [row["name"] for row in csv_lines(result.csv) if row["kind"] == "ours"]
     assert names == [f"mixlora [official-code-parity] · adapter.top_k={top_k}" for top_k in (1, 2)]
     assert "⚠ runs differ in training steps: 10 (mixlora); 20 (mixlora)" in result.text
+
+
+def test_runs_that_differ_in_learning_rate_are_flagged(tmp_path):
+    write_run(tmp_path, "lora", "lora", 0, {"arc_easy": 0.5}, paper=None, lr=2e-4)
+    write_run(tmp_path, "mixlora", "mixlora", 0, {"arc_easy": 0.6}, paper=None, lr=6e-4)
+    assert "⚠ runs differ in learning rate: 0.0002 (lora); 0.0006 (mixlora)" in compare(tmp_path).text
 
 
 def test_budgets_show_the_size_chosen_and_the_rule(tmp_path):

@@ -38,7 +38,8 @@ ROUTING_COLUMNS = {"entropy": "routing/entropy", "load_cv": "routing/load_cv", "
 RECONSTRUCTION = "reconstruction"
 # settings that must agree between the runs of a fair comparison: (description, path in results.json)
 PROTOCOL = (("base model", "model_identity"), ("metric", "metric"), ("training steps", "config.trainer.max_steps"),
-            ("epochs", "config.trainer.max_epochs"), ("batch size", "config.data.batch_size"),
+            ("epochs", "config.trainer.max_epochs"), ("learning rate", "config.module.optimizer.lr"),
+            ("batch size", "config.data.batch_size"),
             ("gradient accumulation", "config.trainer.accumulate_grad_batches"),
             ("maximum length", "config.data.max_length"), ("evaluation limit", "config.eval.limit"),
             ("few-shot examples", "config.eval.num_fewshot"), ("parameter budget", "budget.rule"))
