@@ -12,7 +12,8 @@ Absolute times mean something only on a GPU; on a CPU read the ratios.
   LoRA baseline targets).
 * ``latency``: batch 1; ``prefill`` = one forward over the prompt, ``decode`` = time per generated token
   of greedy decoding with the KV cache (the prefill that fills the cache is not timed). Variants: the base
-  model, merged LoRA, merged and unmerged FURINA, MixLoRA; the reference is the base model.
+  model, a copy of it (the noise floor), merged LoRA, merged and unmerged FURINA, MixLoRA; the reference is
+  the base model.
 """
 
 from __future__ import annotations
@@ -186,9 +187,13 @@ def _decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: tor
 
 
 def latency_variants(conf_dir: Path, base: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The models whose latency is compared: base, merged mergeables, unmerged FURINA, MixLoRA (when present)."""
+    """The models whose latency is compared: base, merged mergeables, unmerged FURINA, MixLoRA (when present).
+
+    ``base_copy`` is a deep copy of the base model, the same computation in other memory: its ratio to
+    ``base`` is the noise floor of the run, against which a merged model's ratio (the same architecture, so
+    ideally 1.00) is read."""
     available = registered_adapters()
-    variants = [("base", base)]
+    variants = [("base", base), ("base_copy", copy.deepcopy(base))]
 
     def with_adapter(method: str, merged: bool, values: dict | None = None) -> nn.Module:
         model = copy.deepcopy(base)
