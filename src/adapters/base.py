@@ -60,6 +60,8 @@ class AdapterConfig:
     # Decoder-layer indices to adapt (PEFT's name); None = every layer. Adapting only the top layers also
     # stops the backward pass there, which is what makes short CPU runs affordable.
     layers_to_transform: list[int] | None = None
+    # Whether an empty target list is meaningful: only for a method that adapts other modules anyway.
+    allows_empty_targets: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.layers_to_transform is not None:
@@ -73,7 +75,7 @@ class AdapterConfig:
                     f"{ALL_LINEAR!r}")
         else:
             self.target_modules = list(self.target_modules)
-            require(len(self.target_modules) > 0, "target_modules must not be empty")
+            require(self.allows_empty_targets or len(self.target_modules) > 0, "target_modules must not be empty")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -64,7 +64,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,8 @@ class MixLoraConfig(RoutedLoraConfig):
     with the same r/α/dropout unless ``expert_*`` say otherwise."""
 
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # [] is MixLoRA without attention LoRA (the paper's "MoE only" ablation): the FFN is always adapted
+    allows_empty_targets: ClassVar[bool] = True
     r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
@@ -143,12 +145,7 @@ class MixLoraConfig(RoutedLoraConfig):
         require(isinstance(self.target_modules, list | tuple),
                 f"target_modules ({self.target_modules!r}) must list the attention projections; "
                 "the FFN projections get the experts")
-        attention = list(self.target_modules)
-        # [] is MixLoRA without attention LoRA (the paper's "MoE only" ablation). The base rule "at least one
-        # target" is for methods that adapt nothing else; MixLoRA always adapts the FFN, so it is not applied.
-        self.target_modules = attention or [self.ffn_module]
         super().__post_init__()
-        self.target_modules = attention
         require(self.expert_r is None or (isinstance(self.expert_r, int) and self.expert_r > 0),
                 f"expert_r ({self.expert_r}) must be a positive integer or null")
         require(self.expert_alpha is None or self.expert_alpha > 0,
