@@ -25,6 +25,9 @@ def test_latency_benchmark_compares_with_the_base_model():
     result = latency_benchmark(CONF, "tiny", prompt_len=8, new_tokens=2, rounds=1, warmup=0, device=CPU,
                                dtype=torch.float32)
     prefill = {row["variant"] for row in result["prefill"]}
-    assert {"base", "base_copy", "lora_r16_merged"} <= prefill
+    methods = {name: cls for name, cls in registered_adapters().items() if name != "lora"}
+    merged = {f"{name}_merged" for name, cls in methods.items() if cls.mergeable}
+    assert prefill == {"base", "base_copy", "lora_r16_merged", *methods, *merged}
+    assert merged, "at least one mergeable method besides LoRA is compared merged"
     assert prefill == {row["variant"] for row in result["decode_per_token"]}
     assert next(r for r in result["prefill"] if r["variant"] == "base")["ratio_to_base"] == 1.0

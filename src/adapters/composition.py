@@ -31,6 +31,7 @@ else lives here, once:
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -228,7 +229,7 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
 # ---------------------------------------------------------------------------------------------- adapter
 
 
-class ComposedAdapter(Adapter):
+class ComposedAdapter(Adapter, ABC):
     """Injection, expert sources, stages and trainable parameters of a LoRA composition.
 
     A method sets :meth:`site_of` (which site a module belongs to), :meth:`make_site` (the gate or router of
@@ -243,12 +244,13 @@ class ComposedAdapter(Adapter):
     budget_field = "experts.r"
     config: ComposedConfig
 
+    @abstractmethod
     def site_of(self, module: str) -> str:
-        raise NotImplementedError
+        """The routing site ``module`` (a path in the model) belongs to."""
 
+    @abstractmethod
     def make_site(self, linear: nn.Linear, experts: LoraExperts) -> nn.Module:
         """The gate or router of the routing site that ``linear`` leads."""
-        raise NotImplementedError
 
     def experts_train_in(self, stage: str) -> bool:
         return stage == HARD

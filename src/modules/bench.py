@@ -8,12 +8,12 @@ Absolute times mean something only on a GPU; on a CPU read the ratios.
 
 * ``train``: forward + backward + AdamW step; methods trained in stages get one row per stage. The
   ``base`` row backpropagates through the frozen model to its input embeddings — the floor that every
-  adapter pays — and the reference for ratios is LoRA r16 on all seven projections (the MixLoRA paper's
-  LoRA baseline targets).
+  adapter pays — and the reference for ratios is LoRA r16 on all seven projections (the targets of the
+  method papers' LoRA baselines).
 * ``latency``: batch 1; ``prefill`` = one forward over the prompt, ``decode`` = time per generated token
   of greedy decoding with the KV cache (the prefill that fills the cache is not timed). Variants: the base
-  model, a copy of it (the noise floor), merged LoRA, merged and unmerged FURINA, MixLoRA; the reference is
-  the base model.
+  model, a copy of it (the noise floor), merged LoRA r16, and every other registered method as it runs
+  unmerged plus, when its class says ``mergeable``, merged; the reference is the base model.
 """
 
 from __future__ import annotations
@@ -187,13 +187,12 @@ def _decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: tor
 
 
 def latency_variants(conf_dir: Path, base: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The models whose latency is compared: base, merged mergeables, unmerged FURINA, MixLoRA (when present).
+    """The models whose latency is compared: base, its copy, merged LoRA r16, then every other registered
+    method with its default config, named ``<method>`` unmerged and ``<method>_merged`` when it can merge.
 
     ``base_copy`` is a deep copy of the base model, the same computation in other memory: its ratio to
     ``base`` is the noise floor of the run, against which a merged model's ratio (the same architecture, so
     ideally 1.00) is read."""
-    available = registered_adapters()
-    variants = [("base", base), ("base_copy", copy.deepcopy(base))]
 
     def with_adapter(method: str, merged: bool, values: dict | None = None) -> nn.Module:
         model = copy.deepcopy(base)
@@ -204,12 +203,14 @@ def latency_variants(conf_dir: Path, base: nn.Module) -> list[tuple[str, nn.Modu
                     parameter.normal_(0.0, 0.01)
         return merge_and_unload(model) if merged else model
 
-    variants.append(("lora_r16_merged", with_adapter("lora", True, LORA_R16_ALL)))
-    if "furina" in available:
-        variants.append(("furina_merged", with_adapter("furina", True)))
-        variants.append(("furina_unmerged", with_adapter("furina", False)))
-    if "mixlora" in available:
-        variants.append(("mixlora", with_adapter("mixlora", False)))
+    variants = [("base", base), ("base_copy", copy.deepcopy(base)),
+                ("lora_r16_merged", with_adapter("lora", True, LORA_R16_ALL))]
+    for method, adapter_cls in registered_adapters().items():
+        if method == "lora":
+            continue
+        variants.append((method, with_adapter(method, False)))
+        if adapter_cls.mergeable:
+            variants.append((f"{method}_merged", with_adapter(method, True)))
     return variants
 
 

@@ -1,7 +1,7 @@
 """Parameter budgets (``budget=...``): every method sized to the same number of trainable parameters.
 
 A budget names a reference adapter — by default a LoRA of a given rank on given projections, the way the
-MixLoRA and FURINA papers size their LoRA baselines — and its trainable parameter count on the run's base
+method papers size their LoRA baselines (methods.md §1.3) — and its trainable parameter count on the run's base
 model is the target. The run's method is then sized through its ``budget_field`` (a class attribute of its
 :class:`~moelab.adapters.Adapter`, usually the rank ``r``; a dotted path reaches into a nested config): the
 integer value whose trainable count is closest to the target is chosen. Every count injects the adapter

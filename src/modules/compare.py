@@ -8,10 +8,10 @@ the protocol when a sweep mixes single-task and multi-task runs. A base-model ro
 Columns. One per evaluated task and the average, each the mean ± sample standard deviation over seeds (the
 number of seeds when it differs from the row's); the average of a seed needs a score for every task
 column, so rows with missing tasks get no average instead of an average over fewer tasks. In the
-single-task protocol (one run per task and seed, MixLoRA Table 1) a method's runs fill the task columns of
-one row. Also: trainable parameters and their share of the base model, the size a parameter budget chose,
-and routing statistics of the held-out pass (normalised entropy, coefficient of variation of the load,
-dead experts), averaged over seeds.
+single-task protocol (one run per task and seed, as in the single-task paper tables) a method's runs fill
+the task columns of one row. Also: trainable parameters and their share of the base model, the size a
+parameter budget chose, and routing statistics of the held-out pass (normalised entropy, coefficient of
+variation of the load, dead experts), averaged over seeds.
 
 Published numbers come from the ``paper:`` block the runs' experiment config carries (conf/experiment/):
 under each method it lists, a published row and an "ours − published" row. Rows of ``reconstruction``

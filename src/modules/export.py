@@ -1,4 +1,5 @@
-"""Export a trained run of a mergeable method (LoRA, FURINA) as checkpoints that need no moelab to load.
+"""Export a trained run of a mergeable method (its class says ``mergeable``) as checkpoints that load without
+moelab.
 
     OUT_DIR/        the merged model, ``W0 + ΔW`` in every adapted layer: a plain transformers checkpoint
                     (``save_pretrained``) with its tokenizer, for ``AutoModelForCausalLM.from_pretrained``
@@ -6,8 +7,8 @@
                     on the base model
 
 The PEFT LoRA of each layer is its :meth:`~moelab.adapters.AdapterLayer.low_rank_factors` ``(A, B)``, whose
-product is exactly the merged ``ΔW``: rank R = the layer's total rank (r for LoRA, N·r for FURINA, methods.md
-§6.4) with ``lora_alpha = R``, so that PEFT's scaling ``α/R`` is 1. Methods that route on the input have no
+product is exactly the merged ``ΔW``: rank R = the layer's total rank (r for one LoRA, N·r for N experts of rank r,
+methods.md §6.4) with ``lora_alpha = R``, so that PEFT's scaling ``α/R`` is 1. Methods that route on the input have no
 such ``ΔW`` and are refused before anything is loaded.
 """
 
