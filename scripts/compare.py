@@ -1,9 +1,10 @@
 """Compare the runs of a sweep: a paper-style table (Markdown and CSV) and a figure of the expert maps.
 
-    python scripts/compare.py SWEEP_DIR [--out DIR] [--split heldout|train]
+    python scripts/compare.py SWEEP_DIR [--out DIR] [--split heldout|train] [--strict]
 
 Reads every results.json under SWEEP_DIR (a Hydra multirun folder, or any folder of run folders) and writes
 comparison.md, comparison.csv and expert_maps.png into SWEEP_DIR (or --out). See moelab/modules/compare.py.
+With --strict it exits 1 when a job failed, was interrupted or left no results.json.
 """
 
 import argparse
@@ -20,6 +21,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: SWEEP_DIR)")
     parser.add_argument("--split", choices=SPLITS, default="heldout",
                         help="routing statistics of the held-out pass (default) or of the training run")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when a job failed, was interrupted or left no results.json")
     args = parser.parse_args()
 
     result = compare(args.sweep_dir, args.out, args.split)
@@ -27,7 +30,7 @@ def main() -> int:
     for path in (result.markdown, result.csv, result.figure):
         if path is not None:
             print(f"[moelab] {path}")
-    return 0
+    return 1 if args.strict and result.unfinished else 0
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@
 """
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from moelab.modules.launch import launch_time
 from moelab.modules.training import run
+
+OmegaConf.register_new_resolver("moelab_launch_time", launch_time, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 ALL_LINEAR = "all-linear"
 FIDELITY_LABELS = ("official-code-parity", "paper-equations", "reconstruction")
 PLACEMENTS = ("linear", "ffn_block")
+AUX_LOSS_SCOPES = ("local", "global")
 
 
 class AdapterConfigError(ValueError):
@@ -60,10 +61,16 @@ class AdapterConfig:
     # Decoder-layer indices to adapt (PEFT's name); None = every layer. Adapting only the top layers also
     # stops the backward pass there, which is what makes short CPU runs affordable.
     layers_to_transform: list[int] | None = None
+    # Batch statistics of the balance losses (methods that have them): "local" per process and micro-batch,
+    # as the papers compute them on one GPU; "global" over all processes of the step (Qiu et al.,
+    # arXiv 2501.11873), which costs two all-reduces per statistic. Equal on one process.
+    aux_loss_scope: str = "local"
     # Whether an empty target list is meaningful: only for a method that adapts other modules anyway.
     allows_empty_targets: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        require(self.aux_loss_scope in AUX_LOSS_SCOPES,
+                f"aux_loss_scope ({self.aux_loss_scope!r}) must be one of {AUX_LOSS_SCOPES}")
         if self.layers_to_transform is not None:
             self.layers_to_transform = list(self.layers_to_transform)
             require(len(self.layers_to_transform) > 0 and all(isinstance(i, int) and i >= 0
@@ -226,7 +233,15 @@ class Adapter:
         return []
 
     def enter_stage(self, model: nn.Module, stage: str) -> None:
-        """Switch routing mode and ``requires_grad`` for ``stage`` (see :meth:`stage_schedule`)."""
+        """Switch the routing mode for ``stage`` (see :meth:`stage_schedule`). It must not change which
+        parameters require grad: DDP fixes that set when it wraps the model. Parameters a stage does not train
+        are named by :meth:`frozen_parameters` instead."""
+
+    def frozen_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters of :meth:`trainable_parameters` that the current stage must leave untouched: the trainer
+        drops their gradients before every optimiser step (after DDP has all-reduced them), so that AdamW
+        skips them entirely, moments and weight decay included."""
+        return []
 
     def aux_losses(self, model: nn.Module) -> dict[str, Tensor]:
         """Each named aux loss averaged over the modules that report it (one value per routed layer)."""

@@ -19,7 +19,10 @@ else lives here, once:
   stage only. In eval mode a layer always routes through its site, whatever the stage. The two stages are
   LoRA-Mixer's hard–soft routing (§5.1); MoLE's paper composes LoRAs trained beforehand, and its in-run
   stage ``hard`` is our convenience, close to training one LoRA per task first (the experts share one
-  optimiser, so Adam's momentum and gradient clipping act on all of them at once).
+  optimiser, so Adam's momentum and gradient clipping act on all of them at once). A stage switch never
+  changes ``requires_grad`` (DDP fixes that set when it wraps the model): what a stage freezes is named by
+  ``frozen_parameters`` and loses its gradient before every optimiser step, so that AdamW skips it. In stage
+  ``soft`` frozen experts therefore still get (discarded) gradients: a little backward work for DDP safety.
 * **Shared routing sites.** The projections of one site — each projection alone (``matrix``), one decoder
   layer, a group of layers (``block``) or the whole network — share one gate/router. The site is held by the
   site's first projection in module order, its *leader* (``q_proj`` for attention targets), and reads that
@@ -214,18 +217,6 @@ def composed_layers(model: nn.Module) -> list[tuple[str, ComposedLinear]]:
     return [(name, m) for name, m in adapter_modules(model) if isinstance(m, ComposedLinear)]
 
 
-def set_trainable(module: nn.Module, trainable: bool) -> None:
-    """Switch ``requires_grad``; a module that freezes also drops its gradients. The optimiser owns the
-    parameters of every stage (``trainable_parameters``) and AdamW steps any parameter whose ``.grad`` is
-    not None: a stale gradient from the previous stage — kept by ``zero_grad(set_to_none=False)`` or by
-    gradient accumulation across the switch — would move a frozen expert through Adam's moments and
-    weight decay."""
-    module.requires_grad_(trainable)
-    if not trainable:
-        for parameter in module.parameters():
-            parameter.grad = None
-
-
 # ---------------------------------------------------------------------------------------------- adapter
 
 
@@ -304,11 +295,19 @@ class ComposedAdapter(Adapter, ABC):
         return [(0, SOFT)]
 
     def enter_stage(self, model: nn.Module, stage: str) -> None:
+        self.stage = stage
         for _, layer in composed_layers(model):
             layer.stage = stage
-            set_trainable(layer.experts, self.experts_train_in(stage))
-            if layer.is_leader:
-                set_trainable(layer.site, stage == SOFT)
+
+    def frozen_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Experts outside the stages that train them, sites in stage ``hard`` (where nothing routes)."""
+        frozen = []
+        for _, layer in composed_layers(model):
+            if not self.experts_train_in(self.stage):
+                frozen += [p for p in layer.experts.parameters() if p.requires_grad]
+            if layer.is_leader and self.stage == HARD:
+                frozen += list(layer.site.parameters())
+        return frozen
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """Every parameter that trains in some stage: the sites, and the experts when they are trained."""

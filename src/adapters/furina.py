@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from .base import Adapter, AdapterLayer, register, require
 from .experts import adapter_dtype
 from .lora import LoraConfig
-from .routing import Routing, _masked_mean, balance_loss_terms
+from .routing import Routing, balance_loss_terms, full_precision, masked_mean
 
 MAGNITUDE_NORMS = ("l2_row", "row_sum")
 LOSS_ACTIVATIONS = ("scaled", "unscaled")
@@ -137,7 +137,7 @@ def selection_loss(activations: Tensor, top_k: int, mask: Tensor | None) -> tupl
     """methods.md §6.3 for activations ``a: [T, N_sr]``: returns ``(q, top, L_div, L_bal)``."""
     shares = activations / (activations.sum(-1, keepdim=True) + SHARE_GUARD)
     top = shares.topk(top_k, dim=-1).indices
-    divergence = 1.0 - _masked_mean(shares.gather(-1, top).sum(-1), mask)
+    divergence = 1.0 - masked_mean(shares.gather(-1, top).sum(-1), mask)
     slot_load, importance = balance_loss_terms(shares, top, mask)  # F per top-k slot [K, N_sr], P [N_sr]
     balance = shares.shape[-1] * (slot_load.sum(0) / top_k * importance).sum()
     return shares, top, divergence, balance
@@ -174,10 +174,11 @@ class FurinaLinear(AdapterLayer):
         dtype = adapter_dtype(self.experts.lora_B.dtype)
         a = self.experts.lora_A[self.num_shared:].to(dtype)
         b = self.experts.lora_B[self.num_shared:].to(dtype)
-        if self.config.magnitude_norm == "l2_row":
-            norms = safe_sqrt(((b @ (a @ a.mT)) * b).sum(-1))
-        else:
-            norms = (b @ a.sum(-1, keepdim=True)).squeeze(-1)  # W_j · 1 = B_j (A_j 1)
+        with full_precision(b):  # bf16 autocast would round the norms that every expert is divided by
+            if self.config.magnitude_norm == "l2_row":
+                norms = safe_sqrt(((b @ (a @ a.mT)) * b).sum(-1))
+            else:
+                norms = (b @ a.sum(-1, keepdim=True)).squeeze(-1)  # W_j · 1 = B_j (A_j 1)
         return norms.detach() if self.config.detach_norm else norms
 
     def directions(self) -> Tensor:
@@ -265,9 +266,10 @@ class FurinaLinear(AdapterLayer):
             b = routed_B
         else:
             b = self.directions() if directions is None else directions
-        dtype = adapter_dtype(h.dtype)  # the loss in at least fp32, like every router
-        activations = output_norms(h.to(dtype), b.to(dtype))
-        shares, top, divergence, balance = selection_loss(activations, self.config.top_k, mask)
+        dtype = adapter_dtype(h.dtype)  # the loss in at least fp32, like every router, autocast or not
+        with full_precision(h):
+            activations = output_norms(h.to(dtype), b.to(dtype))
+            shares, top, divergence, balance = selection_loss(activations, self.config.top_k, mask)
         coef = self.config.aux_loss_coef
         self.losses = {"selection_div": coef * divergence, "selection_bal": coef * balance}
         completed = shares + (1.0 - shares.sum(-1, keepdim=True)) / shares.shape[-1]

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from .base import BatchContext, register, require
 from .composition import HARD, SOFT, ComposedAdapter, ComposedConfig, ComposedLinear, composed_layers, site_key
 from .experts import LoraExperts
-from .routing import Routing, _masked_mean, entropy, scatter_weights, top_k_weights
+from .routing import Routing, entropy, masked_mean, scatter_weights, top_k_weights
 
 ROUTER_SCOPES = {"per_projection": "matrix", "per_layer": "layer"}
 RSL_LOADS = ("argmax", "topk_score")
@@ -103,8 +103,8 @@ def rsl_loss(probs: Tensor, mask: Tensor | None, config: LoraMixerConfig) -> Ten
         load = F.one_hot(probs.argmax(dim=-1), num_experts).to(probs.dtype)
     else:
         load = scatter_weights(*top_k_weights(probs, config.top_k), num_experts)
-    balance = (_masked_mean(probs, mask) * _masked_mean(load.detach(), mask)).sum()
-    return config.rsl_alpha * balance + config.rsl_entropy_sign * config.rsl_lambda * _masked_mean(entropy(probs), mask)
+    balance = (masked_mean(probs, mask) * masked_mean(load.detach(), mask)).sum()
+    return config.rsl_alpha * balance + config.rsl_entropy_sign * config.rsl_lambda * masked_mean(entropy(probs), mask)
 
 
 class ExpertAnchors(nn.Module):

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from .base import BatchContext, register, require
 from .composition import SITE_LEVELS, ComposedAdapter, ComposedConfig, composed_layers, site_key
 from .experts import LoraExperts
-from .routing import Routing, _masked_mean
+from .routing import Routing, full_precision, masked_mean
 
 GATE_SCOPES = ("token", "prompt_mean")
 GATE_INPUTS = ("expert_deltas", "hidden")
@@ -163,7 +163,7 @@ def renormalise_kept(gates: Tensor, kept: Tensor) -> Tensor:
 def balance_loss(gates: list[tuple[Tensor, Tensor | None]]) -> Tensor:
     """Eq. 14, ``−Σ_i log q_i``: ``q`` is each site's mean gate over its unmasked tokens, averaged over the
     sites. ``gates``: one ``(g [T, N], token mask [T] or None)`` per gated site."""
-    q = torch.stack([_masked_mean(g, mask) for g, mask in gates]).mean(dim=0)
+    q = torch.stack([masked_mean(g, mask) for g, mask in gates]).mean(dim=0)
     return -q.log().sum()
 
 
@@ -183,13 +183,14 @@ class MoleGate(nn.Module):
 
     def forward(self, x: Tensor, h: Tensor, experts: LoraExperts, context: BatchContext) -> tuple[Tensor, Routing]:
         dtype = torch.promote_types(self.e.dtype, torch.float32)
-        z = (expert_deltas(experts, h).flatten(-2) if self.input == "expert_deltas" else x).to(dtype)
-        if self.scope == "prompt_mean":
-            require(z.dim() == 3, "gate_scope 'prompt_mean' needs inputs shaped [batch, seq, features]")
-            z = self._pooled(z, context.prompt_mask)
-        z = F.layer_norm(z, z.shape[-1:]) if self.norm == "layernorm" else F.normalize(z, dim=-1)
-        logits = (z @ self.e.to(dtype)) / self.log_tau.to(dtype).exp()
-        gates = logits.softmax(dim=-1)
+        with full_precision(x):  # the gate in fp32 under bf16 autocast too, like every router
+            z = (expert_deltas(experts, h.to(dtype)).flatten(-2) if self.input == "expert_deltas" else x).to(dtype)
+            if self.scope == "prompt_mean":
+                require(z.dim() == 3, "gate_scope 'prompt_mean' needs inputs shaped [batch, seq, features]")
+                z = self._pooled(z, context.prompt_mask)
+            z = F.layer_norm(z, z.shape[-1:]) if self.norm == "layernorm" else F.normalize(z, dim=-1)
+            logits = (z @ self.e.to(dtype)) / self.log_tau.to(dtype).exp()
+            gates = logits.softmax(dim=-1)
         if self.masking and not self.training:
             gates = renormalise_kept(gates, self.kept)
         flat = gates.reshape(-1, gates.shape[-1])

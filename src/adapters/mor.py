@@ -170,7 +170,7 @@ def host_class(host: str) -> type[Adapter]:
 class MorConfig(AdapterConfig):
     """The host, its config overrides, and MoR's own flags. Target modules belong to the host
     (``host_config.target_modules``); MoR's own ``target_modules`` must stay unset. ``layers_to_transform``
-    is passed on to the host."""
+    is passed on to the host, and so is ``aux_loss_scope``."""
 
     target_modules: list[str] | str | None = None
     host: str = "mixlora"
@@ -188,6 +188,9 @@ class MorConfig(AdapterConfig):
             require(self.host_config.get("layers_to_transform") in (None, self.layers_to_transform),
                     "layers_to_transform: set it here or in host_config, not differently in both")
             self.host_config = {**self.host_config, "layers_to_transform": list(self.layers_to_transform)}
+        require(self.host_config.get("aux_loss_scope") in (None, self.aux_loss_scope),
+                "aux_loss_scope: set it here, where the trainer reads it, not differently in host_config")
+        self.host_config = {**self.host_config, "aux_loss_scope": self.aux_loss_scope}
         require(isinstance(self.num_routers, int) and self.num_routers >= 1,
                 f"num_routers ({self.num_routers}) must be a positive integer")
         require(self.combine in COMBINES, f"combine ({self.combine!r}) must be one of {COMBINES}")
@@ -261,6 +264,9 @@ class MixtureOfRoutersAdapter(Adapter):
 
     def enter_stage(self, model: nn.Module, stage: str) -> None:
         self.host.enter_stage(model, stage)
+
+    def frozen_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return self.host.frozen_parameters(model)
 
     def set_context(self, model: nn.Module, task_ids: Tensor | None, token_mask: Tensor | None,
                     prompt_mask: Tensor | None = None) -> None:

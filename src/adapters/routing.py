@@ -10,6 +10,9 @@
   one-hot convention (uniform routing gives k), padding masked, reduced either over the pooled tokens of
   all layers (MoE-PEFT, methods.md §3.2) or per layer and then averaged.
 * :func:`router_z_loss` — ``mean(logsumexp(logits)²)`` (ST-MoE).
+* :func:`masked_mean` — the token mean every balance loss is built from; per process and micro-batch
+  (``aux_loss_scope: local``, what the papers compute on one GPU) or over all processes of the step
+  (``global``, :func:`global_token_statistics`).
 * :class:`Routing` — what a routing site exposes after each forward; :class:`RoutingStatistics` turns
   those records into the metrics of design.md ("Routing statistics") from raw sums and counts.
 
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -110,19 +115,49 @@ class TopKRouter(nn.Module):
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean over the first dimension, counting only rows where ``mask`` is true."""
-    if mask is None:
-        return values.mean(dim=0)
-    weights = mask.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
-    return (values * weights).sum(dim=0) / weights.sum().clamp_min(1.0)
+# Set while a training step computes its losses with ``aux_loss_scope: global``: how to sum a tensor over all
+# processes, and how many processes there are. None: every statistic is this process's micro-batch's own.
+_GLOBAL_STATISTICS: ContextVar[tuple[Callable[[Tensor], Tensor], int] | None] = ContextVar("moelab_global_statistics",
+                                                                                         default=None)
+
+
+@contextlib.contextmanager
+def global_token_statistics(all_reduce_sum: Callable[[Tensor], Tensor], num_processes: int) -> Iterator[None]:
+    """Inside the context every :func:`masked_mean` is a mean over the tokens of all processes: the
+    "global-batch" balance loss of Qiu et al. (arXiv 2501.11873), where F and P are batch statistics of the
+    whole step rather than of one process's micro-batch. Every process must compute the same losses."""
+    token = _GLOBAL_STATISTICS.set((all_reduce_sum, num_processes))
+    try:
+        yield
+    finally:
+        _GLOBAL_STATISTICS.reset(token)
+
+
+def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over the first dimension, counting only rows where ``mask`` is true.
+
+    Under :func:`global_token_statistics` the mean runs over every process's rows: its value is the global
+    mean, and its gradient is ``processes ×`` this process's share, so that after DDP averages the gradients
+    over processes every token has the weight it has in the global mean. Any loss built from such means is
+    then the global-batch loss, with its exact gradient.
+    """
+    weights = (torch.ones(values.shape[0], dtype=values.dtype, device=values.device) if mask is None
+               else mask.reshape(-1).to(values.dtype))
+    total = (values * weights.reshape(-1, *([1] * (values.dim() - 1)))).sum(dim=0)
+    count = weights.sum()
+    scope = _GLOBAL_STATISTICS.get()
+    if scope is None:
+        return total / count.clamp_min(1.0)
+    all_reduce_sum, processes = scope
+    global_total, global_count = all_reduce_sum(total.detach()), all_reduce_sum(count.detach())
+    return (global_total + processes * (total - total.detach())) / global_count.clamp_min(1.0)
 
 
 def balance_loss_terms(probs: Tensor, selected: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``F`` [k, E]: share of tokens whose slot j went to expert i; ``P`` [E]: mean routing probability."""
     num_experts = probs.shape[-1]
     one_hot = F.one_hot(selected, num_experts).to(probs.dtype)  # [T, k, E]
-    return _masked_mean(one_hot, mask), _masked_mean(probs, mask)
+    return masked_mean(one_hot, mask), masked_mean(probs, mask)
 
 
 def _check_logits(router_logits: Tensor) -> None:
@@ -162,7 +197,7 @@ def load_balance_loss(router_logits: list[Tensor], top_k: int, masks: list[Tenso
 
 def router_z_loss(router_logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)²``."""
-    return _masked_mean(torch.logsumexp(router_logits.float(), dim=-1) ** 2, mask)
+    return masked_mean(torch.logsumexp(router_logits.float(), dim=-1) ** 2, mask)
 
 
 def entropy(probs: Tensor) -> Tensor:
@@ -206,8 +241,11 @@ class RoutingStatistics:
         """Add one forward's routing records; ``token_mask``/``token_tasks`` are [T] for the T tokens."""
         if not records:
             return
+        device = records[0][1].probs.device
         if self.empty:
-            self._allocate([name for name, _ in records], records[0][1].probs.shape[-1], records[0][1].probs.device)
+            self._allocate([name for name, _ in records], records[0][1].probs.shape[-1], device)
+        elif self.sums["tokens"].device != device:  # restored from a checkpoint, which keeps them on the CPU
+            self.sums = {name: value.to(device) for name, value in self.sums.items()}
         for index, (name, routing) in enumerate(records):
             if index >= len(self.sites) or self.sites[index] != name:
                 raise RuntimeError(f"routing site {name!r} changed between updates; statistics need fixed sites")

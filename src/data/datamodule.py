@@ -15,6 +15,12 @@ which routing statistics (per-task activation maps) and hard routing by task use
   with lm-eval's target delimiter " ", so training and scoring see the same strings.
 * **Order.** The mixture is shuffled by a generator seeded with ``seed``; padding is dynamic per batch, and
   with ``group_by_length`` (default) batches hold examples of similar length, which removes most padding.
+* **Processes.** The data module shards the data itself (Lightning's sampler injection is off): training
+  steps are global batches dealt to the processes and accumulated micro-batches (``sampling.py``), and the
+  held-out examples are split across processes without the duplicates a ``DistributedSampler`` pads with,
+  so that held-out routing statistics count every token once.
+* **Resume.** The training position (epoch, step within it) is part of the checkpoint
+  (:meth:`state_dict`); a resumed run draws exactly the batches the uninterrupted run would have drawn.
 
 The held-out examples are written as JSON lines into the run folder and scored there by lm-eval through the
 task templates in ``lm_eval_tasks/``.
@@ -30,8 +36,9 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from .sampling import StepBatches, StepExamples, supervised_targets
 from .tasks import TaskSpec, example_kind, load_examples, resolve_task
 
 TEMPLATES = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -42,32 +49,6 @@ def prompt_and_answer(example: dict) -> tuple[str, str]:
     if example_kind(example) == "partial_context":
         return example["contexts"][example["gold"]], " " + example["continuation"]
     return example["query"], " " + example["choices"][example["gold"]]
-
-
-class LengthGroupedBatches:
-    """Shuffled batches of similar-length examples (like HF Trainer's ``group_by_length``): the epoch's
-    shuffled order is cut into windows of ``window`` batches, each window is sorted by length and split into
-    batches, and the batches are shuffled again. Padding, which costs full compute on a CPU, nearly vanishes
-    while every batch stays a random draw from a window. Deterministic for a seed; a new order each epoch."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 16) -> None:
-        self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size, seed, window
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        span = self.batch_size * self.window
-        batches = []
-        for start in range(0, len(order), span):
-            chunk = sorted(order[start:start + span], key=self.lengths.__getitem__, reverse=True)
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        for index in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[index]
 
 
 def lm_eval_task_configs(heldout_files: dict[str, Path]) -> list[dict[str, Any]]:
@@ -117,6 +98,7 @@ class TaskMixtureDataModule(L.LightningDataModule):
         self.heldout_examples: list[tuple[int, dict]] = []
         self.heldout_files: dict[str, Path] = {}
         self.split_report: dict[str, dict[str, Any]] = {}
+        self.resume_step = 0  # the optimiser step training continues from (set by a resumed checkpoint)
 
     @property
     def task_names(self) -> list[str]:
@@ -185,7 +167,8 @@ class TaskMixtureDataModule(L.LightningDataModule):
         self.heldout_items = [self.encode(task_id, example) for task_id, example in self.heldout_examples]
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Right-pad to the longest sequence of the batch; padding gets label −100 and attention 0."""
+        """Right-pad to the longest sequence of the batch; padding gets label −100 and attention 0. Training
+        batches also carry ``step_targets``, the supervised targets of their whole optimiser step."""
         length = max(len(item["input_ids"]) for item in items)
         pad_id = self.tokenizer.pad_token_id
         batch = {"input_ids": torch.full((len(items), length), pad_id, dtype=torch.long),
@@ -197,18 +180,55 @@ class TaskMixtureDataModule(L.LightningDataModule):
             batch["input_ids"][row, :n] = torch.tensor(item["input_ids"])
             batch["attention_mask"][row, :n] = 1
             batch["labels"][row, :n] = torch.tensor(item["labels"])
+        if "step_targets" in items[0]:
+            batch["step_targets"] = torch.tensor(items[0]["step_targets"], dtype=torch.long)
         return batch
 
+    def _processes(self) -> tuple[int, int, int]:
+        """``(processes, this process's rank, accumulated micro-batches)`` of the attached trainer."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0, 1
+        return trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches
+
+    def train_sampler(self) -> StepBatches:
+        processes, rank, accumulate = self._processes()
+        sampler = StepBatches([len(item["input_ids"]) for item in self.train_items],
+                              [supervised_targets(item["labels"]) for item in self.train_items], self.batch_size,
+                              self.seed, num_processes=processes, rank=rank, accumulate=accumulate,
+                              group_by_length=self.group_by_length)
+        sampler.start_at(self.resume_step)
+        return sampler
+
     def train_dataloader(self) -> DataLoader:
-        if self.group_by_length:
-            sampler = LengthGroupedBatches([len(item["input_ids"]) for item in self.train_items], self.batch_size,
-                                           self.seed)
-            return DataLoader(self.train_items, batch_sampler=sampler, collate_fn=self.collate,
-                              num_workers=self.num_workers)
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_items, batch_size=self.batch_size, shuffle=True, generator=generator,
-                          collate_fn=self.collate, num_workers=self.num_workers, drop_last=False)
+        # The loader's own generator: the worker base seed it draws each epoch would otherwise come from the
+        # global torch generator, and a resumed run (one draw fewer) would then drop its dropout masks elsewhere.
+        return DataLoader(StepExamples(self.train_items), batch_sampler=self.train_sampler(), collate_fn=self.collate,
+                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.heldout_items, batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=self.collate, num_workers=self.num_workers)
+        processes, rank, _ = self._processes()
+        shard = Subset(self.heldout_items, range(rank, len(self.heldout_items), processes))
+        return DataLoader(shard, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+    # -- resume ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position, saved in every checkpoint: the next step, and where it falls in its epoch."""
+        if self.trainer is None or not self.train_items:
+            return {}
+        step = self.trainer.global_step
+        steps_per_epoch = self.train_sampler().steps_per_epoch
+        return {"step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
+                "steps_per_epoch": steps_per_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        steps_per_epoch = self.train_sampler().steps_per_epoch
+        if state["steps_per_epoch"] != steps_per_epoch:
+            raise ValueError(f"the checkpoint was written with {state['steps_per_epoch']} steps per epoch, this run "
+                             f"has {steps_per_epoch}: the data, data.batch_size, the number of processes or "
+                             "trainer.accumulate_grad_batches changed, so the run cannot continue where it stopped")
+        self.resume_step = state["step"]

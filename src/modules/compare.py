@@ -411,6 +411,7 @@ class Comparison:
     csv: Path
     figure: Path | None
     text: str
+    unfinished: list[str] = field(default_factory=list)  # failed or interrupted jobs, folders without results
 
 
 def compare(sweep_dir: str | Path, out_dir: str | Path | None = None, split: str = "heldout") -> Comparison:
@@ -437,7 +438,7 @@ def compare(sweep_dir: str | Path, out_dir: str | Path | None = None, split: str
         lines += [ours, *published_lines(ours, (paper.get("methods") or {}).get(row.method), paper, tasks)]
 
     failures = [f"`{run.folder.relative_to(sweep_dir)}` ({run.results.get('method')}, seed {run.results.get('seed')}) "
-                f"failed: {run.results.get('error')}" for run in sweep.failed]
+                f"{run.results.get('status', 'failed')}: {run.results.get('error')}" for run in sweep.failed]
     metric = sweep.runs[0].results["metric"] if sweep.runs else "?"
     notes = {
         "Notes": [f"Scores: {metric} × 100 on each task's held-out examples (lm-eval); mean ± sample standard "
@@ -451,7 +452,8 @@ def compare(sweep_dir: str | Path, out_dir: str | Path | None = None, split: str
     markdown, table = out_dir / "comparison.md", out_dir / "comparison.csv"
     markdown.write_text(text)
     write_csv(table, lines, tasks)
-    return Comparison(markdown, table, write_comparison_figure(rows, out_dir, split), text)
+    return Comparison(markdown, table, write_comparison_figure(rows, out_dir, split), text,
+                      failures + sweep.problems)
 
 
 def write_comparison_figure(rows: list[Row], out_dir: Path, split: str) -> Path | None:

@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from moelab.data.files import atomic_write_text, file_lock
+
 TASK_PREFIX = "moelab_"
 
 
 def lm_eval_scores(model: nn.Module, tokenizer, tasks: list[dict[str, Any]], limit: int | float | None = None,
                    batch_size: int = 8, num_fewshot: int | None = None, bootstrap_iters: int = 0,
-                   max_length: int | None = None) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` from lm-eval on ``model`` as it is (eval mode for the call)."""
+                   max_length: int | None = None, device=None) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` from lm-eval on ``model`` (eval mode for the call), on ``device``, or where
+    its parameters are when None."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -32,7 +36,7 @@ def lm_eval_scores(model: nn.Module, tokenizer, tasks: list[dict[str, Any]], lim
     was_training = model.training
     model.eval()
     try:
-        device = str(next(model.parameters()).device)
+        device = str(device if device is not None else next(model.parameters()).device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
         output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
                                          bootstrap_iters=bootstrap_iters, log_samples=False,
@@ -80,14 +84,29 @@ def base_score_key(model_identity: str, tasks: list[dict[str, Any]], limit: int 
 def cached_scores(cache_dir: str | Path, key: dict[str, Any],
                   compute: Callable[[], dict[str, dict[str, float]]]) -> tuple[dict[str, dict[str, float]], bool]:
     """``(scores, came_from_cache)``: read the file named by ``key`` if its stored key matches exactly,
-    otherwise compute and store."""
+    otherwise compute and store. Jobs running side by side take turns on a lock, so that one computes and the
+    others read; the file is written atomically. A file that cannot be read (a writer killed before atomic
+    writes, a disk error) is reported with its path and recomputed."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"{digest}.json"
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
+    with file_lock(path.with_suffix(".lock")):
+        stored = _read_cache_entry(path)
+        if stored is not None and stored.get("key") == key:
             return stored["scores"], True
-    scores = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "scores": scores}, indent=2))
+        scores = compute()
+        atomic_write_text(path, json.dumps({"key": key, "scores": scores}, indent=2))
     return scores, False
+
+
+def _read_cache_entry(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        if isinstance(stored, dict) and isinstance(stored.get("scores"), dict):
+            return stored
+        problem = "it holds no scores"
+    except (OSError, ValueError) as error:
+        problem = str(error)
+    warnings.warn(f"base-score cache entry {path} is unreadable ({problem}); recomputing it", stacklevel=3)
+    return None

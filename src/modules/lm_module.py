@@ -3,28 +3,43 @@
 It never names a method. Everything method-specific comes through the :class:`~moelab.adapters.Adapter`
 contract: which parameters train, training stages, auxiliary losses, routing records. What it adds:
 
-* the loss ``CE + Σ_name aux_name`` (each aux loss already weighted by its method), with a stop naming the
-  step when it is not finite;
+* the loss ``CE + Σ_name aux_name`` (each aux loss already weighted by its method). CE is the summed token
+  loss divided by the supervised targets of the whole optimiser step, over all processes and accumulated
+  micro-batches (``batch["step_targets"]``, from the data module's sampler), so that 2 processes × batch b,
+  1 × 2b and 1 × b with 2 accumulated micro-batches take the same step. Balance losses use batch statistics
+  of this process's micro-batch, or of all processes with ``aux_loss_scope: global``;
+* a failure on any process — a non-finite loss or an exception in the forward — stops every process at the
+  same step with the same error, instead of leaving the others waiting in the gradient all-reduce;
+* training stages that never change ``requires_grad`` (DDP fixes that set): the parameters a stage freezes
+  lose their gradients before each optimiser step (``Adapter.frozen_parameters``);
 * routing statistics from every routed module's last forward, summed per site × expert × task (so they
   reduce exactly across batches and DDP ranks), logged every ``routing_log_every`` steps as a bounded set
   of W&B keys (per-site detail behind ``routing_per_layer``); the cumulative training tensor (of the last
   training stage, for methods trained in stages) and the held-out tensor are kept for results.json and the
   activation maps;
-* tokens/s, step time, learning rate; adapter-only checkpoints (the frozen base is never written).
+* tokens/s, step time, learning rate; adapter-only checkpoints (the frozen base is never written) that also
+  hold, per process, the RNG states, routing sums and throughput counters, so that a resumed run continues
+  bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.adapters import Adapter, adapter_state_dict, load_adapter_state_dict, routed_modules
-from moelab.adapters.routing import RoutingStatistics
+from moelab.adapters.routing import RoutingStatistics, global_token_statistics
+
+from .distributed import all_reduce, any_process, gather_objects, num_processes, rank
 
 
 class AdapterLM(L.LightningModule):
@@ -47,6 +62,7 @@ class AdapterLM(L.LightningModule):
         self.throughput = {"tokens": 0, "seconds": 0.0, "steps": 0}
         self._step_started = 0.0
         self._step_tokens = 0
+        self._restored_rng: dict[str, Any] | None = None
         self.strict_loading = False  # checkpoints hold adapter tensors only; on_load_checkpoint checks them
 
     # -- forward ------------------------------------------------------------------------------------------
@@ -58,7 +74,12 @@ class AdapterLM(L.LightningModule):
         return batch["attention_mask"].bool()
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """The token cross-entropy of the batch (mean over supervised tokens, as transformers computes it).
+        """The token cross-entropy of the batch (mean over supervised tokens, as transformers computes it)."""
+        total, targets = self.cross_entropy_sum(batch)
+        return total / targets.clamp_min(1)
+
+    def cross_entropy_sum(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(summed token cross-entropy, number of supervised targets)`` of the batch.
 
         The LM head runs only at positions whose next token is a target in some row (``logits_to_keep``):
         with the loss on answers only, most positions are prompt, and the head (49k–128k outputs per token)
@@ -69,7 +90,9 @@ class AdapterLM(L.LightningModule):
         keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             logits_to_keep=keep).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100)
+        kept = targets[:, keep].flatten()
+        total = F.cross_entropy(logits.flatten(0, 1).float(), kept, ignore_index=-100, reduction="sum")
+        return total, (kept != -100).sum()
 
     def _record_routing(self, batch: dict[str, Tensor], *stats: RoutingStatistics) -> None:
         records = [(name, module.routing) for name, module in routed_modules(self.model)]
@@ -99,15 +122,41 @@ class AdapterLM(L.LightningModule):
                 stats.reset()
             self.print(f"[moelab] step {self.global_step}: adapter stage {self.stage!r}")
 
+    def _aux_statistics(self) -> contextlib.AbstractContextManager:
+        """Balance losses over this process's micro-batch, or over all processes (``aux_loss_scope``)."""
+        if self.adapter.config.aux_loss_scope == "global":
+            return global_token_statistics(all_reduce, num_processes())
+        return contextlib.nullcontext()
+
+    def _training_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(loss to differentiate, the micro-batch's mean token CE, aux losses)``. The differentiated CE is divided by
+        the step's supervised targets and multiplied by the processes × micro-batches that DDP and Lightning
+        average over, which makes it the step's token mean however the step is split."""
+        with self._aux_statistics():
+            total, targets = self.cross_entropy_sum(batch)
+            aux = self.adapter.aux_losses(self.model)
+        step_targets = batch.get("step_targets")
+        if step_targets is None:  # a loader that is not moelab's: the micro-batch's own mean
+            scaled = total / targets.clamp_min(1)
+        else:
+            scaled = total * (num_processes() * self.trainer.accumulate_grad_batches) / step_targets.clamp_min(1)
+        aux_total = sum(aux.values(), torch.zeros((), device=total.device))
+        return scaled + aux_total, total.detach() / targets.clamp_min(1), aux
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        cross_entropy = self(batch)
-        aux = self.adapter.aux_losses(self.model)
-        loss = cross_entropy + sum(aux.values(), torch.zeros((), device=cross_entropy.device))
-        if not torch.isfinite(loss):
-            parts = {"cross-entropy": cross_entropy.item(), **{k: v.item() for k, v in aux.items()}}
-            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at step {self.global_step}: {parts}")
+        failure = None
+        try:
+            loss, cross_entropy, aux = self._training_loss(batch)
+            if not torch.isfinite(loss):
+                parts = {"cross-entropy": cross_entropy.item(), **{k: v.item() for k, v in aux.items()}}
+                failure = FloatingPointError(f"non-finite training loss ({loss.item()}) at step {self.global_step}: "
+                                             f"{parts}")
+        except Exception as error:  # noqa: BLE001 - every process must learn of it before the backward pass
+            failure = error
+        self._stop_if_any_process_failed(failure)
         batch_size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        reported = cross_entropy + sum(aux.values(), torch.zeros((), device=loss.device)).detach()
+        self.log("train/loss", reported, prog_bar=True, batch_size=batch_size)
         self.log("train/ce", cross_entropy, batch_size=batch_size)
         for name, value in aux.items():
             self.log(f"train/aux/{name}", value, batch_size=batch_size)
@@ -116,11 +165,29 @@ class AdapterLM(L.LightningModule):
             self._log_routing_window()
         return loss
 
+    def _stop_if_any_process_failed(self, failure: BaseException | None) -> None:
+        """Raise on every process when the step failed on any: one process alone would leave the others waiting
+        in the gradient all-reduce forever. The error names the first failing process."""
+        if num_processes() == 1:
+            if failure is not None:
+                raise failure
+            return
+        if not any_process(failure is not None, self.device):
+            return
+        reports = gather_objects(None if failure is None else (type(failure).__name__, str(failure)))
+        first, (kind, message) = next((r, report) for r, report in enumerate(reports) if report is not None)
+        error_class = FloatingPointError if kind == "FloatingPointError" else RuntimeError
+        raise error_class(f"process {first} of {len(reports)} failed at step {self.global_step}: {kind}: {message}") \
+            from failure
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for parameter in self.adapter.frozen_parameters(self.model):
+            parameter.grad = None  # AdamW skips a parameter without a gradient: no moment, no weight decay
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         seconds = time.perf_counter() - self._step_started
         self.throughput["tokens"] += self._step_tokens
         self.throughput["seconds"] += seconds
-        self.throughput["steps"] += 1
         self.log("train/tokens_per_s", self._step_tokens / max(seconds, 1e-9))
         self.log("train/step_time_s", seconds)
         optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
@@ -143,8 +210,15 @@ class AdapterLM(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in summary.items()}, rank_zero_only=True)
         window.reset()
 
+    def on_train_start(self) -> None:
+        if self._restored_rng is not None:  # now, after everything that set up the run drew its random numbers
+            set_rng_states(self._restored_rng)
+            self._restored_rng = None
+
     def on_train_end(self) -> None:
         self.routing["train"] = self._reduced(self.routing["train"])
+        self.throughput = {"tokens": int(all_reduce(torch.tensor(self.throughput["tokens"], device=self.device))),
+                           "seconds": self.throughput["seconds"], "steps": self.global_step}
         self._forget_batch()
 
     def _forget_batch(self) -> None:
@@ -184,9 +258,43 @@ class AdapterLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in adapter_state_dict(self.model).items()}
         checkpoint["adapter_stage"] = self.stage
+        # every process's own state, in rank order: each has its own RNG streams and routing sums
+        checkpoint["moelab_processes"] = gather_objects(self._process_state())
+
+    def _process_state(self) -> dict[str, Any]:
+        return {"rng": rng_states(), "throughput": dict(self.throughput),
+                "routing": {split: self.routing[split].state_dict() for split in ("train", "window")}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stage = checkpoint.get("adapter_stage")
+        if stage is not None:  # before the tensors: entering a stage may capture weights (LoRA-Mixer's anchors),
+            self.adapter.enter_stage(self.model, stage)  # which the checkpoint's values then replace
+        self.stage = stage
         state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
         load_adapter_state_dict(self.model, state, source="checkpoint")
         checkpoint["state_dict"] = {}  # loaded and checked above; nothing left for Lightning's own load
-        self.stage = None  # re-entered from the schedule at the next step
+        processes = checkpoint.get("moelab_processes")
+        if processes is None:
+            return
+        if len(processes) != num_processes():
+            raise ValueError(f"the checkpoint was written by {len(processes)} process(es), this run has "
+                             f"{num_processes()}: resume with the same number of devices")
+        own = processes[rank()]
+        self.throughput = dict(own["throughput"])
+        for split, stats in own["routing"].items():
+            self.routing[split] = RoutingStatistics.from_state_dict(stats)
+        self._restored_rng = own["rng"]
+
+
+def rng_states() -> dict[str, Any]:
+    """Every random stream training draws from: dropout, jitter, sampling."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])

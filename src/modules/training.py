@@ -4,6 +4,16 @@
 configs before any model is loaded, always closes the loggers (a crashed job's W&B run is finished with
 a non-zero exit code), and in a multirun writes a failed job's error into its own folder instead of
 stopping the sweep.
+
+A job folder is resumable (``resume``: ``auto`` by default): a folder whose ``results.json`` says ``ok`` is
+skipped, one that holds ``checkpoints/last.ckpt`` continues from it bit for bit, so that re-running a
+pre-empted sweep completes it. A lock file keeps two live runs out of one folder. SIGTERM, SIGINT and
+SIGUSR2 save a checkpoint at the next step boundary, write ``results.json`` with status ``interrupted`` and
+end the process with status 128 + signal (``checkpointing.py``).
+
+Under several processes (DDP, FSDP; Lightning's launcher, torchrun or SLURM) every process runs this
+function; only process 0 takes the lock, scores with lm-eval and writes files. Scoring runs on the trainer's
+root device and precision after every process has finished training and the held-out pass.
 """
 
 from __future__ import annotations
@@ -35,9 +45,20 @@ from moelab.adapters import (
     inject,
     merge_and_unload,
 )
+from moelab.data.files import atomic_write_text
 
 from .budget import plan_budget
+from .checkpointing import (
+    CHECKPOINT_DIR,
+    AtomicCheckpointIO,
+    RunCheckpoint,
+    RunInterrupted,
+    RunLock,
+    SignalGuard,
+    resume_checkpoint,
+)
 from .evaluation import base_score_key, cached_scores, lm_eval_scores, mean_score
+from .launch import check_process_launch, decoder_layer_classes, process_rank
 
 RESULTS_FILE = "results.json"
 ERROR_FILE = "error.txt"
@@ -85,22 +106,64 @@ def _parallel_worker_threads() -> int | None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job; in a multirun a failure is recorded in the job folder and the sweep goes on."""
     out_dir = Path(cfg.paths.output_dir)
+    check_process_launch(cfg, multirun=_multirun())
+    finished = _finished_results(cfg, out_dir)
+    if finished is not None:
+        print(f"[moelab] {out_dir} holds a finished run (results.json: ok); skipped", flush=True)
+        return finished
     out_dir.mkdir(parents=True, exist_ok=True)
+    writer = process_rank() == 0
+    with ExitStack() as stack:
+        if writer:
+            stack.enter_context(RunLock(out_dir))
+        guard = stack.enter_context(SignalGuard())
+        try:
+            return train(cfg, out_dir, guard)
+        except RunInterrupted as stop:
+            if writer:
+                _write_results(out_dir, _status(cfg, "interrupted", error=str(stop), step=stop.step,
+                                                 checkpoint=str(stop.checkpoint) if stop.checkpoint else None))
+            print(f"[moelab] {cfg.run_name}: {stop}; `resume=auto` (the default) continues it", flush=True)
+            guard.hand_on(stop.signum)
+        except Exception as error:
+            if writer:
+                (out_dir / ERROR_FILE).write_text(traceback.format_exc())
+                _write_results(out_dir, _status(cfg, "failed", error=f"{type(error).__name__}: {error}"))
+            if not _multirun():
+                raise
+            print(f"[moelab] job {cfg.run_name} failed ({type(error).__name__}: {error}); see {out_dir / ERROR_FILE}",
+                  flush=True)
+            return _status(cfg, "failed", error=f"{type(error).__name__}: {error}")
+
+
+def _status(cfg: DictConfig, status: str, **details: Any) -> dict[str, Any]:
+    return {"status": status, "run_name": cfg.run_name, "method": cfg.adapter.get("name"), "seed": cfg.seed,
+            **details, "config": OmegaConf.to_container(cfg, resolve=False)}
+
+
+def _write_results(out_dir: Path, results: dict[str, Any]) -> None:
+    atomic_write_text(out_dir / RESULTS_FILE, json.dumps(results, indent=2, default=str))
+
+
+def _finished_results(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
+    """The stored results of a finished run in ``out_dir`` (``resume=auto``); ``resume=never`` refuses a
+    folder that holds a run, so that nothing is overwritten."""
+    path = out_dir / RESULTS_FILE
+    if cfg.resume == "never":
+        if path.exists() or (out_dir / CHECKPOINT_DIR).exists():
+            raise FileExistsError(f"{out_dir} already holds a run; resume=never starts afresh only in a new folder "
+                                  "(another hydra.run.dir or hydra.sweep.dir), or use resume=auto to continue it")
+        return None
+    if cfg.resume != "auto" or not path.exists():
+        return None
     try:
-        return train(cfg, out_dir)
-    except Exception as error:
-        (out_dir / ERROR_FILE).write_text(traceback.format_exc())
-        failure = {"status": "failed", "run_name": cfg.run_name, "method": cfg.adapter.get("name"),
-                   "seed": cfg.seed, "error": f"{type(error).__name__}: {error}",
-                   "config": OmegaConf.to_container(cfg, resolve=False)}
-        (out_dir / RESULTS_FILE).write_text(json.dumps(failure, indent=2, default=str))
-        if not _multirun():
-            raise
-        print(f"[moelab] job {cfg.run_name} failed ({failure['error']}); see {out_dir / ERROR_FILE}", flush=True)
-        return failure
+        stored = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return stored if stored.get("status") == "ok" else None
 
 
-def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> dict[str, Any]:
     import lightning as L
 
     started = time.perf_counter()
@@ -111,6 +174,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     method_config = adapter_config(cfg)
     adapter_for(method_config)(method_config).stage_schedule(cfg.trainer.max_steps)  # stage lengths vs max_steps
     budget = plan_budget(cfg.get("budget"), method_config)
+    checkpoint = resume_checkpoint(cfg.resume, out_dir)
     datamodule = instantiate(cfg.data)
     split_report = datamodule.prepare_examples(out_dir / "data")
     module_factory = instantiate(cfg.module)
@@ -131,12 +195,12 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     with ExitStack() as stack:
         loggers = _loggers(cfg, stack)
         module = module_factory(model=base.model, adapter=adapter, num_tasks=len(datamodule.task_names))
-        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        trainer = _trainer(cfg, base.model, loggers, guard, out_dir)
         hyperparameters = {**OmegaConf.to_container(cfg, resolve=True), "parameters": parameters,
                            "method_label": adapter.label, "budget": budget_report}
         for logger in loggers:
             logger.log_hyperparams(hyperparameters)
+        scoring = Scoring(trainer, cfg)
 
         # 3. Base-model scores, with the adapter switched off (cached across runs).
         eval_tasks = datamodule.lm_eval_tasks() if cfg.eval.enabled else []
@@ -147,49 +211,88 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                                  max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size)
             with disable_adapters(base.model):
                 base_scores, base_cached = cached_scores(Path(cfg.paths.cache_dir) / "base_scores", key,
-                                                         lambda: _score(base.model, base.tokenizer, eval_tasks, cfg))
+                                                         lambda: scoring.scores(base.model, base.tokenizer, eval_tasks))
             timings["base_eval_s"] = time.perf_counter() - tick
 
-        # 4. Fit, then one pass over the held-out examples (validation loss, held-out routing).
+        # 4. Fit (from the checkpoint when resuming), then one pass over the held-out examples.
         tick = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule)
+        if checkpoint is not None:
+            print(f"[moelab] resuming from {checkpoint}", flush=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
         timings["train_s"] = time.perf_counter() - tick
         validation = trainer.validate(module, datamodule=datamodule, verbose=False)
+        if not trainer.is_global_zero:  # every process has finished; process 0 saves and scores
+            return {}
 
         # 5. Save the adapter and the routing statistics before anything is merged away.
-        if trainer.is_global_zero:
-            save_adapter(out_dir / "adapter", base, adapter, cfg)
-            torch.save({"tasks": datamodule.task_names, "method": adapter.label,
-                        "train": module.routing["train"].state_dict(),
-                        "heldout": module.routing["heldout"].state_dict()}, out_dir / "routing.pt")
+        save_adapter(out_dir / "adapter", base, adapter, cfg)
+        torch.save({"tasks": datamodule.task_names, "method": adapter.label,
+                    "train": module.routing["train"].state_dict(),
+                    "heldout": module.routing["heldout"].state_dict()}, out_dir / "routing.pt")
 
         # 6. Score the trained model: merged into the base weights when the method allows it.
         scores, scored_as = {}, "none"
-        if eval_tasks and trainer.is_global_zero:
+        if eval_tasks:
             tick = time.perf_counter()
             model = base.model
             scored_as = "unmerged"
             if adapter.mergeable and cfg.eval.merge:
                 model, scored_as = merge_and_unload(base.model, safe_merge=True), "merged"
-            scores = _score(model, base.tokenizer, eval_tasks, cfg)
+            scores = scoring.scores(model, base.tokenizer, eval_tasks)
             timings["eval_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - started
 
         results = _results(cfg, adapter, base, parameters, split_report, base_scores, base_cached, scores,
                            scored_as, validation, module, timings, budget_report)
-        if trainer.is_global_zero:
-            (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str))
-            for logger in loggers:
-                logger.log_metrics(_flat_scores(results), step=trainer.global_step)
-                logger.save()  # the trainer has finalised its loggers already; flush these rows too
-            _print_summary(results, out_dir)
+        results["scoring"] = scoring.report()
+        results["resumed_from"] = str(checkpoint) if checkpoint else None
+        _write_results(out_dir, results)
+        for logger in loggers:
+            logger.log_metrics(_flat_scores(results), step=trainer.global_step)
+            logger.save()  # the trainer has finalised its loggers already; flush these rows too
+        _print_summary(results, out_dir)
     return results
 
 
-def _score(model, tokenizer, tasks: list[dict], cfg: DictConfig) -> dict[str, dict[str, float]]:
-    return lm_eval_scores(model, tokenizer, tasks, limit=cfg.eval.limit, batch_size=cfg.eval.batch_size,
-                          num_fewshot=cfg.eval.num_fewshot, bootstrap_iters=cfg.eval.bootstrap_iters,
-                          max_length=cfg.eval.max_length)
+def _trainer(cfg: DictConfig, model, loggers: list, guard: SignalGuard | None, out_dir: Path):
+    """The Lightning trainer of ``cfg.trainer``, with moelab's checkpointing and a strategy fitted to the model
+    (FSDP wraps the model's own decoder-layer class unless the config names one)."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(RunCheckpoint(out_dir / CHECKPOINT_DIR, cfg.checkpoint_every, guard))
+    overrides: dict[str, Any] = {"logger": loggers or False, "callbacks": callbacks,
+                                 "plugins": [AtomicCheckpointIO()]}
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, DictConfig) and strategy.get("_target_", "").endswith("FSDPStrategy") \
+            and strategy.get("auto_wrap_policy") is None:
+        overrides["strategy"] = instantiate(strategy, auto_wrap_policy=decoder_layer_classes(model))
+    return instantiate(cfg.trainer, **overrides)
+
+
+class Scoring:
+    """lm-eval on the trainer's root device, in the run's precision (autocast for ``*-mixed``), whatever
+    device the parameters were left on: Lightning's teardown moves the module back to the CPU after fit and
+    validate, and scoring a 7B model there would take hours."""
+
+    AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+    def __init__(self, trainer, cfg: DictConfig) -> None:
+        self.device = trainer.strategy.root_device
+        self.precision = str(trainer.precision)
+        self.cfg = cfg
+        self.dtype: str | None = None
+
+    def scores(self, model, tokenizer, tasks: list[dict]) -> dict[str, dict[str, float]]:
+        model.to(self.device)
+        self.dtype = str(next(model.parameters()).dtype)
+        autocast = self.AUTOCAST.get(self.precision)
+        evaluation = self.cfg.eval
+        with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+            return lm_eval_scores(model, tokenizer, tasks, limit=evaluation.limit, batch_size=evaluation.batch_size,
+                                  num_fewshot=evaluation.num_fewshot, bootstrap_iters=evaluation.bootstrap_iters,
+                                  max_length=evaluation.max_length, device=self.device)
+
+    def report(self) -> dict[str, Any]:
+        return {"device": str(self.device), "precision": self.precision, "parameter_dtype": self.dtype}
 
 
 def _loggers(cfg: DictConfig, stack: ExitStack) -> list:
@@ -270,6 +373,7 @@ def _results(cfg, adapter, base, parameters, split_report, base_scores, base_cac
         "validation": validation[0] if validation else {},
         "routing": {"train": module.routing["train"].summary(per_layer=True),
                     "heldout": module.routing["heldout"].summary(per_layer=True)},
+        # tokens of every process; seconds of process 0
         "timings": {**timings, "train_steps": throughput["steps"], "train_tokens": throughput["tokens"],
                     "tokens_per_s": throughput["tokens"] / max(throughput["seconds"], 1e-9),
                     "torch_threads": torch.get_num_threads()},
