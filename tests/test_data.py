@@ -37,7 +37,8 @@ def test_examples_carry_task_ids_and_the_split_is_deterministic(tmp_path):
 def test_batches_mask_prompt_and_padding(tmp_path):
     dm = datamodule(tmp_path)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "task_ids"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "task_ids", "step_targets"}
+    assert batch["step_targets"] == (batch["labels"][:, 1:] != -100).sum(), "one process: the batch is the step"
     tokenizer = dm.tokenizer
     for row in range(batch["input_ids"].shape[0]):
         real = batch["attention_mask"][row].bool()
@@ -125,14 +126,3 @@ def test_lm_eval_configs_point_at_the_heldout_files(tmp_path):
     assert configs["moelab_winogrande"]["doc_to_choice"] == "{{contexts}}"
 
 
-def test_length_grouped_batches_cover_every_example_once_with_little_padding():
-    from moelab.data.datamodule import LengthGroupedBatches
-
-    lengths = [(7 * i) % 50 + 5 for i in range(203)]
-    sampler = LengthGroupedBatches(lengths, batch_size=8, seed=0)
-    batches = list(sampler)
-    assert sorted(i for batch in batches for i in batch) == list(range(203)) and len(batches) == len(sampler)
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
-    assert padded < 1.1 * sum(lengths), "batches of similar lengths"
-    assert list(LengthGroupedBatches(lengths, 8, seed=0)) == batches, "deterministic for a seed"
-    assert list(sampler) != batches, "a new order every epoch"

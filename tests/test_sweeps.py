@@ -31,10 +31,10 @@ needs_sweep_extra = pytest.mark.skipif(
     reason="the `sweep` extra is not installed (pip install -c constraints.txt -e '.[sweep]')")
 
 
-def train(*overrides: str) -> subprocess.CompletedProcess:
+def train(*overrides: str, status: int = 0) -> subprocess.CompletedProcess:
     completed = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *overrides], cwd=ROOT, env=ENV,
                                capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert completed.returncode == status, completed.stderr[-4000:]
     return completed
 
 
@@ -51,7 +51,7 @@ def demo_sweep(tmp_path_factory):
     completed = train("experiment=offline_commonsense", f"adapter={','.join(demo)},broken", "seed=0", *TINY,
                       "budget.reference.r=4", "top_layers=[1]",  # the demo's budget and layers, scaled down
                       f"hydra.sweep.dir={sweep_dir}", f"hydra.searchpath=[file://{out / 'conf'}]",
-                      f"paths.cache_dir={out / 'cache'}")
+                      f"paths.cache_dir={out / 'cache'}", status=1)  # a job failed: the sweep says so at the end
     jobs = {json.loads((folder / "results.json").read_text())["status"] + ":" + folder.name.split("_", 1)[1]: folder
             for folder in sorted(sweep_dir.iterdir()) if (folder / "results.json").exists()}
     return sweep_dir, jobs, completed.stdout
@@ -65,6 +65,7 @@ def test_a_failing_job_is_recorded_in_its_folder_and_the_sweep_goes_on(demo_swee
     assert "r (0) must be a positive integer" in (failed / "error.txt").read_text()
     assert json.loads((failed / "results.json").read_text())["error"].startswith("AdapterConfigError")
     assert "[moelab] job lora-seed0 failed" in stdout
+    assert failed.name in stdout.split("unfinished jobs")[1], "the sweep lists its failed job at the end"
 
 
 def wandb_run_record(run_dir):

@@ -94,7 +94,7 @@ class SignalGuard:
         """After moelab has saved: give the signal to the handler installed before the run (submitit requeues
         the job there), then end the process with the conventional status 128 + signal."""
         previous = self.previous.get(signum)
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:  # Python's own raises Ctrl-C
             previous(signum, None)
         raise SystemExit(128 + signum)
 
@@ -148,6 +148,11 @@ def resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
     if not path.is_file():
         raise FileNotFoundError(f"resume ({resume!r}) must be 'auto', 'never' or an existing checkpoint file")
     return path
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimiser step a checkpoint was written at."""
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
 
 
 class RunLock:

@@ -25,13 +25,11 @@ contract: which parameters train, training stages, auxiliary losses, routing rec
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,6 +38,7 @@ from moelab.adapters import Adapter, adapter_state_dict, load_adapter_state_dict
 from moelab.adapters.routing import RoutingStatistics, global_token_statistics
 
 from .distributed import all_reduce, any_process, gather_objects, num_processes, rank
+from .random_state import rng_states, set_rng_states
 
 
 class AdapterLM(L.LightningModule):
@@ -109,6 +108,9 @@ class AdapterLM(L.LightningModule):
         self._enter_scheduled_stage()
         self._step_started = time.perf_counter()
         self._step_tokens = int(batch["attention_mask"].sum())
+        # counted here, not at the batch's end: a checkpoint written at the end of this step (callbacks run
+        # before the module's hooks) must include its tokens
+        self.throughput["tokens"] += self._step_tokens
 
     def _enter_scheduled_stage(self) -> None:
         schedule = self.adapter.stage_schedule(self.trainer.max_steps)
@@ -186,7 +188,6 @@ class AdapterLM(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         seconds = time.perf_counter() - self._step_started
-        self.throughput["tokens"] += self._step_tokens
         self.throughput["seconds"] += seconds
         self.log("train/tokens_per_s", self._step_tokens / max(seconds, 1e-9))
         self.log("train/step_time_s", seconds)
@@ -284,17 +285,3 @@ class AdapterLM(L.LightningModule):
         for split, stats in own["routing"].items():
             self.routing[split] = RoutingStatistics.from_state_dict(stats)
         self._restored_rng = own["rng"]
-
-
-def rng_states() -> dict[str, Any]:
-    """Every random stream training draws from: dropout, jitter, sampling."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,13 @@ from .launch import check_process_launch
 
 class SweepOutcome(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        for job in _job_configs(config):
-            check_process_launch(job, multirun=True)
+        # Hydra turns a callback's exception into a warning; SystemExit is what stops the sweep
+        try:
+            for job in _job_configs(config):
+                check_process_launch(job, multirun=True)
+        except ValueError as error:
+            print(f"[moelab] {error}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .compare import compare

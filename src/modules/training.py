@@ -18,6 +18,7 @@ root device and precision after every process has finished training and the held
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -55,10 +56,13 @@ from .checkpointing import (
     RunInterrupted,
     RunLock,
     SignalGuard,
+    checkpoint_step,
     resume_checkpoint,
 )
 from .evaluation import base_score_key, cached_scores, lm_eval_scores, mean_score
 from .launch import check_process_launch, decoder_layer_classes, process_rank
+from .loggers import drop_rows_from
+from .random_state import preserved_rng
 
 RESULTS_FILE = "results.json"
 ERROR_FILE = "error.txt"
@@ -193,7 +197,7 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
     timings = {"load_s": time.perf_counter() - started}
 
     with ExitStack() as stack:
-        loggers = _loggers(cfg, stack)
+        loggers = _loggers(cfg, stack, out_dir, checkpoint_step(checkpoint) if checkpoint else None)
         module = module_factory(model=base.model, adapter=adapter, num_tasks=len(datamodule.task_names))
         trainer = _trainer(cfg, base.model, loggers, guard, out_dir)
         hyperparameters = {**OmegaConf.to_container(cfg, resolve=True), "parameters": parameters,
@@ -218,7 +222,8 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
         tick = time.perf_counter()
         if checkpoint is not None:
             print(f"[moelab] resuming from {checkpoint}", flush=True)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
+        # weights_only=False: the checkpoint holds RNG states (NumPy arrays); it is this run folder's own file
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=False)
         timings["train_s"] = time.perf_counter() - tick
         validation = trainer.validate(module, datamodule=datamodule, verbose=False)
         if not trainer.is_global_zero:  # every process has finished; process 0 saves and scores
@@ -286,7 +291,7 @@ class Scoring:
         self.dtype = str(next(model.parameters()).dtype)
         autocast = self.AUTOCAST.get(self.precision)
         evaluation = self.cfg.eval
-        with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+        with preserved_rng(), torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
             return lm_eval_scores(model, tokenizer, tasks, limit=evaluation.limit, batch_size=evaluation.batch_size,
                                   num_fewshot=evaluation.num_fewshot, bootstrap_iters=evaluation.bootstrap_iters,
                                   max_length=evaluation.max_length, device=self.device)
@@ -295,13 +300,20 @@ class Scoring:
         return {"device": str(self.device), "precision": self.precision, "parameter_dtype": self.dtype}
 
 
-def _loggers(cfg: DictConfig, stack: ExitStack) -> list:
-    """Instantiate the configured loggers; the stack finishes the W&B run however the job ends."""
+def _loggers(cfg: DictConfig, stack: ExitStack, out_dir: Path, resume_step: int | None) -> list:
+    """Instantiate the configured loggers; the stack finishes the W&B run however the job ends. A resumed
+    run continues its folder's logs: the CSV rows the interrupted run wrote after its checkpoint are dropped,
+    and the W&B run keeps one id per folder (``resume="allow"``), so that both halves sync as one run."""
     loggers = []
+    if resume_step is not None:
+        drop_rows_from(out_dir / "csv" / "metrics.csv", resume_step)
     for name, logger_cfg in (cfg.get("logger") or {}).items():
         if logger_cfg is None:
             continue
-        overrides = {"group": _group(cfg)} if name == "wandb" else {}
+        overrides = {}
+        if name == "wandb":
+            overrides = {"group": _group(cfg), "id": hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:16],
+                         "resume": "allow"}
         logger = instantiate(logger_cfg, **overrides)
         loggers.append(logger)
         if name == "wandb":
