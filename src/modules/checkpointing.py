@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -108,11 +109,15 @@ class RunCheckpoint(L.Callback):
         self.path = Path(dirpath) / LAST
         self.every_n_steps, self.guard = every_n_steps, guard
         self.saved_step: int | None = None
+        self.saves, self.seconds = 0, 0.0  # what checkpointing cost this process (results.json timings)
 
     def save(self, trainer: L.Trainer) -> None:
         """On every process (the state of each goes in); rank 0 writes."""
+        started = time.perf_counter()
         trainer.save_checkpoint(self.path)
         self.saved_step = trainer.global_step
+        self.saves += 1
+        self.seconds += time.perf_counter() - started
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.guard is not None:

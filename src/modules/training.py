@@ -223,8 +223,11 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
         if checkpoint is not None:
             print(f"[moelab] resuming from {checkpoint}", flush=True)
         # weights_only=False: the checkpoint holds RNG states (NumPy arrays); it is this run folder's own file
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None,
+                    weights_only=False)
         timings["train_s"] = time.perf_counter() - tick
+        checkpointer = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
+        timings.update(checkpoint_s=checkpointer.seconds, checkpoints=checkpointer.saves)
         validation = trainer.validate(module, datamodule=datamodule, verbose=False)
         if not trainer.is_global_zero:  # every process has finished; process 0 saves and scores
             return {}
