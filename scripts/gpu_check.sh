@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accelerator path in one prepared run (make gpu-check): the GPU-marked tests, the tiny command for every
-# method on the GPU (bf16-mixed, lm-eval on the GPU), DDP with one device, and the speed benchmark at
+# method on the GPU (bf16-mixed, lm-eval on the GPU), DDP and FSDP with one device, and the speed benchmark at
 # Llama-3.2-3B shapes. Everything lands in $OUT (default gpu_check_out/), summed up in gpu_check.json.
 #
 #   scripts/gpu_check.sh             on a GPU machine (about 5 minutes on one H100/H200)
@@ -55,6 +55,12 @@ step methods "$PY" scripts/train.py -m "adapter=$methods" trainer=gpu "trainer.a
   "hydra.sweep.dir=$OUT/methods"
 step ddp_one_device "$PY" scripts/train.py adapter=mixlora trainer=ddp "trainer.accelerator=$accelerator" \
   trainer.devices=1 "${tiny[@]}" "hydra.run.dir=$OUT/ddp_one_device"
+if ((dry_run)); then
+  echo "[gpu_check] fsdp_one_device: skipped on the CPU (Lightning's FSDP needs a GPU)"
+else  # FSDP gathers whole parameters on process 0 for saving, merging and scoring: only a GPU exercises it
+  step fsdp_one_device "$PY" scripts/train.py adapter=furina trainer=fsdp trainer.devices=1 "${tiny[@]}" \
+    "hydra.run.dir=$OUT/fsdp_one_device"
+fi
 step bench "$PY" scripts/bench.py "${bench[@]}" --json "$OUT/bench.json"
 
 "$PY" - "$OUT" "${steps[@]}" <<'EOF'

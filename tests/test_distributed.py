@@ -209,3 +209,18 @@ def test_ddp_inside_a_local_multirun_is_refused_before_any_job(tmp_path):
     assert completed.returncode != 0
     assert "hydra/launcher=slurm" in completed.stderr and "torchrun --nproc-per-node" in completed.stderr
     assert not any(sweep.glob("*/results.json")), "no job ran"
+
+
+def test_fsdp_wraps_the_loaded_models_own_decoder_layers(tiny):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from moelab.modules.launch import decoder_layer_classes
+    from moelab.modules.training import fitted_strategy
+
+    model, _ = tiny
+    strategy = fitted_strategy(compose_config("trainer=fsdp").trainer.strategy, model)
+    assert type(strategy).__name__ == "FSDPStrategy"
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    assert fitted_strategy(compose_config("trainer=ddp").trainer.strategy, model) is None, "DDP as configured"
+    with pytest.raises(ValueError, match="auto_wrap_policy: Linear names no decoder-layer class"):
+        decoder_layer_classes(torch.nn.Linear(2, 2))

@@ -18,6 +18,7 @@ root device and precision after every process has finished training and the held
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -229,25 +230,24 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
         checkpointer = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
         timings.update(checkpoint_s=checkpointer.seconds, checkpoints=checkpointer.saves)
         validation = trainer.validate(module, datamodule=datamodule, verbose=False)
-        if not trainer.is_global_zero:  # every process has finished; process 0 saves and scores
-            return {}
-
-        # 5. Save the adapter and the routing statistics before anything is merged away.
-        save_adapter(out_dir / "adapter", base, adapter, cfg)
-        torch.save({"tasks": datamodule.task_names, "method": adapter.label,
-                    "train": module.routing["train"].state_dict(),
-                    "heldout": module.routing["heldout"].state_dict()}, out_dir / "routing.pt")
-
-        # 6. Score the trained model: merged into the base weights when the method allows it.
-        scores, scored_as = {}, "none"
-        if eval_tasks:
-            tick = time.perf_counter()
-            model = base.model
-            scored_as = "unmerged"
-            if adapter.mergeable and cfg.eval.merge:
-                model, scored_as = merge_and_unload(base.model, safe_merge=True), "merged"
-            scores = scoring.scores(model, base.tokenizer, eval_tasks)
-            timings["eval_s"] = time.perf_counter() - tick
+        with full_parameters(trainer):  # every process has finished; process 0 saves and scores
+            if not trainer.is_global_zero:
+                return {}
+            # 5. Save the adapter and the routing statistics before anything is merged away.
+            save_adapter(out_dir / "adapter", base, adapter, cfg)
+            torch.save({"tasks": datamodule.task_names, "method": adapter.label,
+                        "train": module.routing["train"].state_dict(),
+                        "heldout": module.routing["heldout"].state_dict()}, out_dir / "routing.pt")
+            # 6. Score the trained model: merged into the base weights when the method allows it.
+            scores, scored_as = {}, "none"
+            if eval_tasks:
+                tick = time.perf_counter()
+                model = base.model
+                scored_as = "unmerged"
+                if adapter.mergeable and cfg.eval.merge:
+                    model, scored_as = merge_and_unload(base.model, safe_merge=True), "merged"
+                scores = scoring.scores(model, base.tokenizer, eval_tasks)
+                timings["eval_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - started
 
         results = _results(cfg, adapter, base, parameters, split_report, base_scores, base_cached, scores,
@@ -263,17 +263,37 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
 
 
 def _trainer(cfg: DictConfig, model, loggers: list, guard: SignalGuard | None, out_dir: Path):
-    """The Lightning trainer of ``cfg.trainer``, with moelab's checkpointing and a strategy fitted to the model
-    (FSDP wraps the model's own decoder-layer class unless the config names one)."""
+    """The Lightning trainer of ``cfg.trainer``, with moelab's checkpointing and a strategy fitted to the model."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(RunCheckpoint(out_dir / CHECKPOINT_DIR, cfg.checkpoint_every, guard))
     overrides: dict[str, Any] = {"logger": loggers or False, "callbacks": callbacks,
                                  "plugins": [AtomicCheckpointIO()]}
-    strategy = cfg.trainer.get("strategy")
+    strategy = fitted_strategy(cfg.trainer.get("strategy"), model)
+    if strategy is not None:
+        overrides["strategy"] = strategy
+    return instantiate(cfg.trainer, **overrides)
+
+
+def fitted_strategy(strategy: Any, model) -> Any | None:
+    """FSDP without a configured ``auto_wrap_policy`` wraps the model's own decoder-layer class (Llama, Gemma,
+    Qwen alike); None leaves the configured strategy as it is."""
     if isinstance(strategy, DictConfig) and strategy.get("_target_", "").endswith("FSDPStrategy") \
             and strategy.get("auto_wrap_policy") is None:
-        overrides["strategy"] = instantiate(strategy, auto_wrap_policy=decoder_layer_classes(model))
-    return instantiate(cfg.trainer, **overrides)
+        return instantiate(strategy, auto_wrap_policy=decoder_layer_classes(model))
+    return None
+
+
+def full_parameters(trainer) -> contextlib.AbstractContextManager:
+    """Every process enters; inside, process 0 sees whole parameters: FSDP gathers its shards there (what
+    saving, merging and scoring read), every other strategy already has them. Verified on a GPU only
+    (``scripts/gpu_check.sh``): Lightning's FSDP refuses a CPU accelerator."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, rank0_only=True)
 
 
 class Scoring:
