@@ -32,7 +32,7 @@ if ! "$PY" -c "import moelab, hydra, lm_eval" 2>/dev/null; then
 fi
 
 if ((dry_run)); then
-  accelerator=cpu bench=(--shape tiny --rounds 1 --threads 1)
+  accelerator=cpu bench=(--shape tiny --rounds 1 --threads 1 --no-memory)
 else
   accelerator=gpu bench=(--shape llama3_2_3b --layers 4 --batch-size 8 --seq-len 512)
 fi
