@@ -6,6 +6,7 @@ from .base import (
     AdapterConfigError,
     AdapterLayer,
     AdapterModule,
+    ConfigError,
     MergeError,
     adapter_for,
     adapter_layers,
@@ -27,7 +28,7 @@ from .base import (
 )
 
 __all__ = [
-    "Adapter", "AdapterConfig", "AdapterConfigError", "AdapterLayer", "AdapterModule", "MergeError",
+    "Adapter", "AdapterConfig", "AdapterConfigError", "AdapterLayer", "AdapterModule", "ConfigError", "MergeError",
     "adapter_for", "adapter_layers", "adapter_modules", "adapter_parameters", "adapter_state_dict", "config_from_dict",
     "count_parameters", "disable_adapters", "get_adapter_class", "inject", "load_adapter_state_dict", "merge",
     "merge_and_unload", "register", "registered_adapters", "routed_modules", "unmerge",

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import pkgutil
 import re
+import types
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import Tensor, nn
@@ -33,13 +35,66 @@ PLACEMENTS = ("linear", "ffn_block")
 AUX_LOSS_SCOPES = ("local", "global")
 
 
-class AdapterConfigError(ValueError):
-    """A user-facing configuration error; the message names the offending field."""
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the offending field and value. The entry point
+    prints it as one line (the traceback goes to the run's error.txt)."""
+
+
+class AdapterConfigError(ConfigError):
+    """A configuration error in the ``adapter`` block."""
 
 
 class MergeError(RuntimeError):
     """Raised when a method cannot be merged into the base weights, a safe merge finds NaN/Inf, or adapter
     weights are loaded into merged layers."""
+
+
+def matches_type(value: Any, annotation: Any) -> bool:
+    """Whether a plain config value fits a type annotation: ``int`` takes no bool and no string, ``float``
+    takes ints, unions and ``Literal`` are followed, lists are checked element by element; a dataclass field
+    also takes the dict it is built from. Annotations it does not know (classes such as a torch dtype) pass."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(matches_type(value, member) for member in args)
+    if origin is Literal:
+        return value in args and type(value) in {type(arg) for arg in args}
+    if annotation is type(None):
+        return value is None
+    simple = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    if annotation in simple:
+        return isinstance(value, simple[annotation]) and (annotation is bool or not isinstance(value, bool))
+    if origin in (list, tuple) or annotation in (list, tuple):
+        return isinstance(value, list | tuple) and (not args or args[-1] is Ellipsis or all(
+            matches_type(item, args[0]) for item in value))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if is_dataclass(annotation):
+        return isinstance(value, annotation | dict)
+    return True
+
+
+def type_name(annotation: Any) -> str:
+    """How an annotation reads in an error message: ``int``, ``float or None``, ``one of ['a', 'b']``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(member) for member in args)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def check_field_types(config: Any, prefix: str = "") -> None:
+    """Every dataclass field of ``config`` against its annotation, before any range check compares a string
+    with a number or counts ``True`` as 1."""
+    hints = get_type_hints(type(config))
+    for item in fields(config):
+        value = getattr(config, item.name)
+        require(matches_type(value, hints[item.name]),
+                f"{prefix}{item.name} ({value!r}) must be {type_name(hints[item.name])}")
 
 
 def require(condition: bool, message: str) -> None:
@@ -69,6 +124,7 @@ class AdapterConfig:
     allows_empty_targets: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         require(self.aux_loss_scope in AUX_LOSS_SCOPES,
                 f"aux_loss_scope ({self.aux_loss_scope!r}) must be one of {AUX_LOSS_SCOPES}")
         if self.layers_to_transform is not None:

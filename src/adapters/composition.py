@@ -41,7 +41,16 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, AdapterConfig, AdapterLayer, BatchContext, adapter_modules, base_modules, require
+from .base import (
+    Adapter,
+    AdapterConfig,
+    AdapterLayer,
+    BatchContext,
+    adapter_modules,
+    base_modules,
+    check_field_types,
+    require,
+)
 from .experts import LoraExperts, TrainedLora, adapter_dtype, lora_folder, read_trained_lora, stack_trained_loras
 from .routing import Routing
 
@@ -72,6 +81,7 @@ class ExpertsConfig:
     stage1_fraction: float = 0.8  # length of stage `hard` as a share of trainer.max_steps
 
     def __post_init__(self) -> None:
+        check_field_types(self, prefix="experts.")
         require(self.source in EXPERT_SOURCES, f"experts.source ({self.source!r}) must be one of {EXPERT_SOURCES}")
         self.paths, self.tasks = [str(path) for path in self.paths], list(self.tasks)
         require(isinstance(self.r, int) and self.r > 0, f"experts.r ({self.r}) must be a positive integer")

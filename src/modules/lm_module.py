@@ -8,6 +8,10 @@ contract: which parameters train, training stages, auxiliary losses, routing rec
   micro-batches (``batch["step_targets"]``, from the data module's sampler), so that 2 processes × batch b,
   1 × 2b and 1 × b with 2 accumulated micro-batches take the same step. Balance losses use batch statistics
   of this process's micro-batch, or of all processes with ``aux_loss_scope: global``;
+* a divergence guard: a non-finite loss or gradient norm, or adapter weights that are not finite or exceed
+  ``divergence_factor`` × the largest base weight, stop the run at that step (:class:`TrainingDiverged`):
+  a loss can stay finite while the weights run away (LLaMA's RMSNorm rescales them), so the weights are
+  watched too;
 * a failure on any process — a non-finite loss or an exception in the forward — stops every process at the
   same step with the same error, instead of leaving the others waiting in the gradient all-reduce;
 * training stages that never change ``requires_grad`` (DDP fixes that set): the parameters a stage freezes
@@ -38,13 +42,15 @@ from moelab.adapters import Adapter, adapter_state_dict, load_adapter_state_dict
 from moelab.adapters.routing import RoutingStatistics, global_token_statistics
 
 from .distributed import all_reduce, any_process, gather_objects, num_processes, rank
+from .errors import TrainingDiverged
 from .random_state import rng_states, set_rng_states
 
 
 class AdapterLM(L.LightningModule):
     def __init__(self, model: nn.Module, adapter: Adapter, optimizer: Callable, scheduler: Callable | None = None,
                  num_tasks: int = 1, routing_log_every: int = 50, routing_per_layer: bool = False,
-                 routing_tokens: str = "attention", activation_checkpointing: bool = False) -> None:
+                 routing_tokens: str = "attention", activation_checkpointing: bool = False,
+                 divergence_factor: float = 1000.0) -> None:
         super().__init__()
         if routing_tokens not in ("attention", "answer"):
             raise ValueError(f"module.routing_tokens ({routing_tokens!r}) must be 'attention' or 'answer'")
@@ -62,6 +68,8 @@ class AdapterLM(L.LightningModule):
         self._step_started = 0.0
         self._step_tokens = 0
         self._restored_rng: dict[str, Any] | None = None
+        self.divergence_factor = divergence_factor
+        self._weight_limit = float("inf")
         self.strict_loading = False  # checkpoints hold adapter tensors only; on_load_checkpoint checks them
 
     # -- forward ------------------------------------------------------------------------------------------
@@ -151,7 +159,7 @@ class AdapterLM(L.LightningModule):
             loss, cross_entropy, aux = self._training_loss(batch)
             if not torch.isfinite(loss):
                 parts = {"cross-entropy": cross_entropy.item(), **{k: v.item() for k, v in aux.items()}}
-                failure = FloatingPointError(f"non-finite training loss ({loss.item()}) at step {self.global_step}: "
+                failure = TrainingDiverged(f"non-finite training loss ({loss.item()}) at step {self.global_step}: "
                                              f"{parts}")
         except Exception as error:  # noqa: BLE001 - every process must learn of it before the backward pass
             failure = error
@@ -178,13 +186,38 @@ class AdapterLM(L.LightningModule):
             return
         reports = gather_objects(None if failure is None else (type(failure).__name__, str(failure)))
         first, (kind, message) = next((r, report) for r, report in enumerate(reports) if report is not None)
-        error_class = FloatingPointError if kind == "FloatingPointError" else RuntimeError
+        error_class = TrainingDiverged if kind == TrainingDiverged.__name__ else RuntimeError
         raise error_class(f"process {first} of {len(reports)} failed at step {self.global_step}: {kind}: {message}") \
             from failure
 
     def on_before_optimizer_step(self, optimizer) -> None:
         for parameter in self.adapter.frozen_parameters(self.model):
             parameter.grad = None  # AdamW skips a parameter without a gradient: no moment, no weight decay
+        if str(self.trainer.precision) == "16-mixed":
+            return  # fp16's loss scaler skips steps with inf gradients by design
+        norms = [p.grad.detach().norm() for p in self.adapter.trainable_parameters(self.model) if p.grad is not None]
+        if norms and not torch.isfinite(torch.stack(norms).norm()):
+            raise TrainingDiverged(f"non-finite gradient norm at step {self.global_step}")
+
+    def _check_weights(self) -> None:
+        """After an optimiser step: every adapter weight finite and within the limit (identical on every
+        process, so every process decides alike)."""
+        largest = max(p.detach().abs().max() for p in self.adapter.trainable_parameters(self.model))
+        if not torch.isfinite(largest) or largest > self._weight_limit:
+            raise TrainingDiverged(
+                f"adapter weights reached {largest.item():.3g} after optimiser step {self.global_step + 1}, beyond "
+                f"module.divergence_factor ({self.divergence_factor:g}) × the largest base weight: lower the "
+                "learning rate")
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        try:
+            super().optimizer_step(*args, **kwargs)
+        except RuntimeError as error:  # Adam's step size lr / (1 − β₁ᵗ) beyond the float range
+            if "overflow" not in str(error):
+                raise
+            raise TrainingDiverged(f"optimiser step {self.global_step + 1} overflowed ({error}): lower the "
+                                   "learning rate") from error
+        self._check_weights()  # before any callback could checkpoint the weights of this step
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         seconds = time.perf_counter() - self._step_started
@@ -212,6 +245,10 @@ class AdapterLM(L.LightningModule):
         window.reset()
 
     def on_train_start(self) -> None:
+        adapter_ids = {id(p) for p in self.adapter.trainable_parameters(self.model)}
+        base = [p.detach().abs().max() for p in self.model.parameters()
+                if id(p) not in adapter_ids and p.is_floating_point() and p.numel()]
+        self._weight_limit = self.divergence_factor * float(torch.stack(base).max())
         if self._restored_rng is not None:  # now, after everything that set up the run drew its random numbers
             set_rng_states(self._restored_rng)
             self._restored_rng = None

@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moelab.adapters import (
     AdapterConfig,
+    AdapterConfigError,
     adapter_for,
     adapter_state_dict,
     config_from_dict,
@@ -60,10 +61,12 @@ from .checkpointing import (
     checkpoint_step,
     resume_checkpoint,
 )
+from .errors import TrainingDiverged
 from .evaluation import base_score_key, cached_scores, lm_eval_scores, mean_score
 from .launch import check_process_launch, decoder_layer_classes, process_rank
 from .loggers import drop_rows_from
 from .random_state import preserved_rng
+from .validation import user_input, validate
 
 RESULTS_FILE = "results.json"
 ERROR_FILE = "error.txt"
@@ -71,9 +74,15 @@ VERSIONED_PACKAGES = ("torch", "transformers", "lightning", "hydra-core", "lm_ev
 
 
 def adapter_config(cfg: DictConfig) -> AdapterConfig:
-    """The validated adapter config from ``cfg.adapter`` (``name`` picks the method)."""
+    """The validated adapter config from ``cfg.adapter`` (``name`` picks the method); errors name the field
+    as the command line does (``adapter.r``)."""
     values = OmegaConf.to_container(cfg.adapter, resolve=True)
-    return config_from_dict(values.pop("name"), values)
+    try:
+        return config_from_dict(values.pop("name"), values)
+    except AdapterConfigError as error:
+        message = str(error)
+        raise AdapterConfigError(message if message.startswith(("adapter", "unknown adapter")) else
+                                 f"adapter.{message}") from None
 
 
 def _multirun() -> bool:
@@ -131,14 +140,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             print(f"[moelab] {cfg.run_name}: {stop}; `resume=auto` (the default) continues it", flush=True)
             guard.hand_on(stop.signum)
         except Exception as error:
+            status = "diverged" if isinstance(error, TrainingDiverged) else "failed"
             if writer:
                 (out_dir / ERROR_FILE).write_text(traceback.format_exc())
-                _write_results(out_dir, _status(cfg, "failed", error=f"{type(error).__name__}: {error}"))
+                _write_results(out_dir, _status(cfg, status, error=f"{type(error).__name__}: {error}"))
             if not _multirun():
                 raise
             print(f"[moelab] job {cfg.run_name} failed ({type(error).__name__}: {error}); see {out_dir / ERROR_FILE}",
                   flush=True)
-            return _status(cfg, "failed", error=f"{type(error).__name__}: {error}")
+            return _status(cfg, status, error=f"{type(error).__name__}: {error}")
 
 
 def _status(cfg: DictConfig, status: str, **details: Any) -> dict[str, Any]:
@@ -172,17 +182,18 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
     import lightning as L
 
     started = time.perf_counter()
-    configure_environment(cfg, out_dir)
-    L.seed_everything(cfg.seed, workers=True)
-
     # 1. Everything that can be wrong with the configs or the data fails here, before a model is loaded.
-    method_config = adapter_config(cfg)
-    adapter_for(method_config)(method_config).stage_schedule(cfg.trainer.max_steps)  # stage lengths vs max_steps
-    budget = plan_budget(cfg.get("budget"), method_config)
-    checkpoint = resume_checkpoint(cfg.resume, out_dir)
-    datamodule = instantiate(cfg.data)
-    split_report = datamodule.prepare_examples(out_dir / "data")
-    module_factory = instantiate(cfg.module)
+    with user_input():
+        validate(cfg)
+        configure_environment(cfg, out_dir)
+        L.seed_everything(cfg.seed, workers=True)
+        method_config = adapter_config(cfg)
+        adapter_for(method_config)(method_config).stage_schedule(cfg.trainer.max_steps)  # stage lengths
+        budget = plan_budget(cfg.get("budget"), method_config)
+        checkpoint = resume_checkpoint(cfg.resume, out_dir)
+        datamodule = instantiate(cfg.data)
+        split_report = datamodule.prepare_examples(out_dir / "data")
+        module_factory = instantiate(cfg.module)
 
     # 2. The base model and the adapter.
     base = instantiate(cfg.model)
