@@ -11,13 +11,17 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from moelab.modules.quiet import quiet_environment
 
-from moelab.adapters import ConfigError
-from moelab.modules.errors import TrainingDiverged
-from moelab.modules.launch import launch_time
-from moelab.modules.training import ERROR_FILE, run
+quiet_environment("verbose=true" in sys.argv)  # before the libraries below read their settings
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from moelab.adapters import ConfigError  # noqa: E402
+from moelab.modules.errors import TrainingDiverged  # noqa: E402
+from moelab.modules.launch import launch_time  # noqa: E402
+from moelab.modules.training import ERROR_FILE, run  # noqa: E402
 
 OmegaConf.register_new_resolver("moelab_launch_time", launch_time, replace=True)
 

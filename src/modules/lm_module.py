@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from moelab.adapters import Adapter, adapter_state_dict, load_adapter_state_dict, routed_modules
 from moelab.adapters.routing import RoutingStatistics, global_token_statistics
 
+from .console import say
 from .distributed import all_reduce, any_process, gather_objects, num_processes, rank
 from .errors import TrainingDiverged
 from .random_state import rng_states, set_rng_states
@@ -130,7 +131,8 @@ class AdapterLM(L.LightningModule):
             # routing by task id) would otherwise swamp the routing the next stage learns.
             for stats in (self.routing["train"], self.routing["window"]):
                 stats.reset()
-            self.print(f"[moelab] step {self.global_step}: adapter stage {self.stage!r}")
+            if self.trainer.is_global_zero:
+                say(f"step {self.global_step}: adapter stage {self.stage!r}")
 
     def _aux_statistics(self) -> contextlib.AbstractContextManager:
         """Balance losses over this process's micro-batch, or over all processes (``aux_loss_scope``)."""

@@ -61,6 +61,7 @@ from .checkpointing import (
     checkpoint_step,
     resume_checkpoint,
 )
+from .console import Phases, ProgressLine, quiet_libraries, say
 from .errors import TrainingDiverged
 from .evaluation import base_score_key, cached_scores, lm_eval_scores, mean_score
 from .launch import check_process_launch, decoder_layer_classes, process_rank
@@ -97,7 +98,7 @@ def _group(cfg: DictConfig) -> str:
 
 def configure_environment(cfg: DictConfig, out_dir: Path) -> None:
     """Process settings that must precede the first import of wandb and the first torch op."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries(bool(cfg.get("verbose")))
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if wandb_cfg is not None:
         # As an environment variable, not only the logger argument: wandb's telemetry reads the process
@@ -123,7 +124,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_process_launch(cfg, multirun=_multirun())
     finished = _finished_results(cfg, out_dir)
     if finished is not None:
-        print(f"[moelab] {out_dir} holds a finished run (results.json: ok); skipped", flush=True)
+        say(f"{out_dir} holds a finished run (results.json: ok); skipped")
         return finished
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = process_rank() == 0
@@ -137,7 +138,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if writer:
                 _write_results(out_dir, _status(cfg, "interrupted", error=str(stop), step=stop.step,
                                                  checkpoint=str(stop.checkpoint) if stop.checkpoint else None))
-            print(f"[moelab] {cfg.run_name}: {stop}; `resume=auto` (the default) continues it", flush=True)
+            say(f"{cfg.run_name}: {stop}; `resume=auto` (the default) continues it")
             guard.hand_on(stop.signum)
         except Exception as error:
             status = "diverged" if isinstance(error, TrainingDiverged) else "failed"
@@ -146,8 +147,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 _write_results(out_dir, _status(cfg, status, error=f"{type(error).__name__}: {error}"))
             if not _multirun():
                 raise
-            print(f"[moelab] job {cfg.run_name} failed ({type(error).__name__}: {error}); see {out_dir / ERROR_FILE}",
-                  flush=True)
+            say(f"job {cfg.run_name} {status} ({type(error).__name__}: {error}); see {out_dir / ERROR_FILE}")
             return _status(cfg, status, error=f"{type(error).__name__}: {error}")
 
 
@@ -182,6 +182,7 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
     import lightning as L
 
     started = time.perf_counter()
+    phases = Phases()
     # 1. Everything that can be wrong with the configs or the data fails here, before a model is loaded.
     with user_input():
         validate(cfg)
@@ -196,16 +197,17 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
         module_factory = instantiate(cfg.module)
 
     # 2. The base model and the adapter.
+    phases.begin(f"loading {cfg.model.name}")
     base = instantiate(cfg.model)
     datamodule.set_tokenizer(base.tokenizer)
     budget_report = None
     if budget is not None:  # sized on a weightless copy of the base model, before the real injection
         method_config, budget_report = budget.fit(base.model)
-        print(f"[moelab] budget: {budget_report['rule']}; {budget_report['sizing']}", flush=True)
+        say(f"budget: {budget_report['rule']}; {budget_report['sizing']}")
     adapter = inject(base.model, method_config)
     parameters = count_parameters(base.model)
-    print(f"[moelab] {adapter.label} on {base.name}: {parameters['trainable']:,} trainable parameters "
-          f"({100 * parameters['trainable'] / parameters['base']:.3f}% of the base model)", flush=True)
+    say(f"{adapter.label} on {base.name}: {parameters['trainable']:,} trainable parameters "
+        f"({100 * parameters['trainable'] / parameters['base']:.3f}% of the base model)")
     timings = {"load_s": time.perf_counter() - started}
 
     with ExitStack() as stack:
@@ -222,6 +224,7 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
         eval_tasks = datamodule.lm_eval_tasks() if cfg.eval.enabled else []
         base_scores, base_cached = {}, False
         if eval_tasks and cfg.eval.base and trainer.is_global_zero:
+            phases.begin(f"scoring the base model (lm-eval, {len(eval_tasks)} tasks)")
             tick = time.perf_counter()
             key = base_score_key(base.identity, eval_tasks, cfg.eval.limit, cfg.eval.num_fewshot,
                                  max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size)
@@ -232,19 +235,22 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
 
         # 4. Fit (from the checkpoint when resuming), then one pass over the held-out examples.
         tick = time.perf_counter()
+        phases.begin(f"training: {cfg.trainer.max_steps} steps" if cfg.trainer.max_steps > 0 else "training")
         if checkpoint is not None:
-            print(f"[moelab] resuming from {checkpoint}", flush=True)
+            say(f"resuming from {checkpoint}")
         # weights_only=False: the checkpoint holds RNG states (NumPy arrays); it is this run folder's own file
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None,
                     weights_only=False)
         timings["train_s"] = time.perf_counter() - tick
         checkpointer = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
         timings.update(checkpoint_s=checkpointer.seconds, checkpoints=checkpointer.saves)
+        phases.begin("held-out pass (validation loss, routing statistics)")
         validation = trainer.validate(module, datamodule=datamodule, verbose=False)
         with full_parameters(trainer):  # every process has finished; process 0 saves and scores
             if not trainer.is_global_zero:
                 return {}
             # 5. Save the adapter and the routing statistics before anything is merged away.
+            phases.begin(f"saving the adapter to {out_dir / 'adapter'}")
             save_adapter(out_dir / "adapter", base, adapter, cfg)
             torch.save({"tasks": datamodule.task_names, "method": adapter.label,
                         "train": module.routing["train"].state_dict(),
@@ -257,6 +263,7 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
                 scored_as = "unmerged"
                 if adapter.mergeable and cfg.eval.merge:
                     model, scored_as = merge_and_unload(base.model, safe_merge=True), "merged"
+                phases.begin(f"scoring the trained model ({scored_as}, lm-eval, {len(eval_tasks)} tasks)")
                 scores = scoring.scores(model, base.tokenizer, eval_tasks)
                 timings["eval_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - started
@@ -276,7 +283,8 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
 def _trainer(cfg: DictConfig, model, loggers: list, guard: SignalGuard | None, out_dir: Path):
     """The Lightning trainer of ``cfg.trainer``, with moelab's checkpointing and a strategy fitted to the model."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks.append(RunCheckpoint(out_dir / CHECKPOINT_DIR, cfg.checkpoint_every, guard))
+    callbacks += [RunCheckpoint(out_dir / CHECKPOINT_DIR, cfg.checkpoint_every, guard),
+                  ProgressLine(cfg.progress_every)]
     overrides: dict[str, Any] = {"logger": loggers or False, "callbacks": callbacks,
                                  "plugins": [AtomicCheckpointIO()]}
     strategy = fitted_strategy(cfg.trainer.get("strategy"), model)
@@ -442,15 +450,15 @@ def _flat_scores(results: dict[str, Any]) -> dict[str, float]:
 
 def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
     metric = results["metric"]
-    lines = [f"[moelab] {results['label']} · {results['parameters']['trainable']:,} trainable parameters · "
+    lines = [f"{results['label']} · {results['parameters']['trainable']:,} trainable parameters · "
              f"{results['timings']['tokens_per_s']:.0f} train tokens/s"]
     for task in results["scores"] or results["base_scores"]:
         base = results["base_scores"].get(task, {}).get(metric)
         tuned = results["scores"].get(task, {}).get(metric)
         lines.append(f"    {task:<20} base {metric} {_fmt(base)}   tuned ({results['scored_as']}) {_fmt(tuned)}")
     lines.append(f"    {'mean':<20} base {metric} {_fmt(results['base_mean'])}   tuned {_fmt(results['mean'])}")
-    lines.append(f"[moelab] results: {out_dir / RESULTS_FILE}")
-    print("\n".join(lines), flush=True)
+    lines.append(f"results: {out_dir / RESULTS_FILE}")
+    say("\n".join(lines))
 
 
 def _fmt(value: float | None) -> str:

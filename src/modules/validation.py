@@ -33,7 +33,7 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "lm_eval_tasks"
 # The job's own keys and the eval block: name -> annotation (None allowed where the annotation says so)
 JOB_FIELDS: dict[str, Any] = {
     "seed": int, "run_name": str, "group": str | None, "threads": int | None, "resume": str,
-    "checkpoint_every": int, "verbose": bool,
+    "checkpoint_every": int, "progress_every": int, "verbose": bool,
 }
 EVAL_FIELDS: dict[str, Any] = {
     "enabled": bool, "base": bool, "merge": bool, "limit": int | float | None, "batch_size": int | str,
@@ -49,6 +49,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: v >= 0, "must be >= 0"),
     "threads": (lambda v: v >= 1, "must be >= 1 or null"),
     "checkpoint_every": (lambda v: v >= 1, "must be >= 1"),
+    "progress_every": (lambda v: v >= 1, "must be >= 1"),
     "trainer.max_steps": (lambda v: v >= 1 or v == -1, "must be >= 1 (or -1 with trainer.max_epochs >= 1)"),
     "trainer.max_epochs": (lambda v: v >= 1 or v == -1, "must be >= 1, or -1 for no limit"),
     "trainer.accumulate_grad_batches": (lambda v: v >= 1, "must be >= 1"),
