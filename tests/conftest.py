@@ -43,8 +43,10 @@ def token_batch(batch: int = 2, seq: int = 12, vocab: int = 260, seed: int = 0) 
     attention_mask = torch.ones(batch, seq, dtype=torch.long)
     attention_mask[0, -3:] = 0  # some padding, so masked code paths run
     labels = input_ids.masked_fill(attention_mask == 0, -100)
+    prompt_mask = torch.zeros(batch, seq, dtype=torch.bool)
+    prompt_mask[:, : seq // 2] = True  # the first half of every row is its prompt
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "task_ids": torch.arange(batch) % 3}
+            "task_ids": torch.arange(batch) % 3, "prompt_mask": prompt_mask}
 
 
 def compose_config(*overrides: str, config_name: str = "train"):

@@ -37,7 +37,7 @@ def test_examples_carry_task_ids_and_the_split_is_deterministic(tmp_path):
 def test_batches_mask_prompt_and_padding(tmp_path):
     dm = datamodule(tmp_path)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "task_ids", "step_targets"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "task_ids", "prompt_mask", "step_targets"}
     assert batch["step_targets"] == (batch["labels"][:, 1:] != -100).sum(), "one process: the batch is the step"
     tokenizer = dm.tokenizer
     for row in range(batch["input_ids"].shape[0]):
@@ -50,6 +50,30 @@ def test_batches_mask_prompt_and_padding(tmp_path):
         assert batch["task_ids"][row] == task_id
         assert targets[-1] == tokenizer.eos_token_id
         assert torch.equal(batch["input_ids"][row][labels != -100], targets)
+        assert torch.equal(batch["prompt_mask"][row], real & (labels == -100)), "the prompt, from the tokens"
+
+
+def test_the_prompt_mask_marks_prompts_when_the_loss_covers_them_too(tmp_path):
+    dm = TaskMixtureDataModule(["tiny_parity"], loss_on_answer_only=False)
+    dm.prepare_examples(tmp_path)
+    dm.set_tokenizer(tiny_model()[1])
+    dm.setup()
+    batch = dm.collate(dm.train_items[:4])
+    assert (batch["labels"][batch["attention_mask"].bool()] != -100).all(), "every real token is a target"
+    assert batch["prompt_mask"].any(dim=1).all() and (batch["prompt_mask"] <= batch["attention_mask"].bool()).all()
+
+
+def test_a_bpe_merge_across_the_prompt_boundary_is_split_by_character_offsets():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "a": 2, "b": 3, "ab": 4}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))  # no pre-tokenizer: merges cross words
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
+    dm = TaskMixtureDataModule(["tiny_parity"])
+    dm.set_tokenizer(tokenizer)
+    assert dm.split_tokens("aa", "bb") == ([2, 4, 3], 1), "'ab' straddles the boundary: it is answer"
+    assert dm.split_tokens("ab", "ab") == ([4, 4], 1), "the prompt's own tokens prefix the joint ones"
 
 
 def test_loss_on_all_tokens_when_asked(tmp_path):

@@ -34,6 +34,19 @@ def test_pretrained_identity_names_the_attention_kernel(tmp_path):
     assert _identity("m", "org/hub-id", "float32", None, "eager") != _identity("m", "org/hub-id", "float32", None)
 
 
+def test_pretrained_identity_follows_the_weights_content_not_their_times(tmp_path):
+    import os
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 16)
+    first = _identity("m", str(tmp_path), "float32", None)
+    os.utime(weights, (1, 1))  # as after a copy to another machine
+    assert _identity("m", str(tmp_path), "float32", None) == first
+    weights.write_bytes(bytes(range(256)) * 15 + bytes(256))
+    assert _identity("m", str(tmp_path), "float32", None) != first, "other weights"
+
+
 def test_evaluate_reads_the_runs_eval_protocol(tmp_path):
     run_protocol = runpy.run_path(str(ROOT / "scripts" / "evaluate.py"))["run_protocol"]
     config = {"eval": {"limit": 7, "num_fewshot": 2, "max_length": 128, "batch_size": 3, "metric": "acc"}}

@@ -30,6 +30,10 @@ import torch
 from torch import Tensor, nn
 
 ALL_LINEAR = "all-linear"
+# The projections of a LLaMA-style decoder layer, as transformers names them (Llama, Gemma, Qwen, SmolLM alike)
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+LLAMA_PROJECTIONS = ATTENTION_PROJECTIONS + FFN_PROJECTIONS
 FIDELITY_LABELS = ("official-code-parity", "paper-equations", "reconstruction")
 PLACEMENTS = ("linear", "ffn_block")
 AUX_LOSS_SCOPES = ("local", "global")
@@ -171,9 +175,13 @@ class BatchContext:
     prompt_mask: Tensor | None = None
 
     def flat_token_mask(self, num_tokens: int) -> Tensor | None:
-        """The token mask flattened to [T], or None when it does not describe these T tokens."""
-        if self.token_mask is None or self.token_mask.numel() != num_tokens:
+        """The token mask flattened to [T]; None without a batch (lm-eval). A mask of other tokens is an error,
+        not a reason to compute masked losses unmasked."""
+        if self.token_mask is None:
             return None
+        if self.token_mask.numel() != num_tokens:
+            raise RuntimeError(f"the batch's token mask covers {self.token_mask.numel()} tokens, the layer saw "
+                               f"{num_tokens}: set_context was given another batch than the forward ran on")
         return self.token_mask.reshape(-1)
 
     def token_task_ids(self, batch: int, seq: int) -> Tensor | None:
@@ -376,16 +384,23 @@ def match_linear_targets(model: nn.Module, target_modules: list[str] | str) -> l
     return matched
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# ``<stack>.<i>.`` in a module path: the i-th decoder layer (``model.layers.3.``, GPT-2's ``transformer.h.3.``).
+_DECODER_LAYER = re.compile(r"^(?P<stack>(?:.*?\.)?(?:layers|layer|h|blocks))\.(?P<index>\d+)\.")
+
+
+def decoder_layer(module: str) -> tuple[str, int] | None:
+    """``(stack path, index)`` of the decoder layer a module path lies in, or None outside the layers."""
+    match = _DECODER_LAYER.match(module)
+    return (match["stack"], int(match["index"])) if match else None
 
 
 def in_selected_layers(names: list[str], layers: list[int] | None) -> list[str]:
-    """The ``names`` inside the decoder layers ``layers`` (``...layers.<i>....``); all of them when None."""
+    """The ``names`` inside the decoder layers ``layers``; all of them when None."""
     if layers is None:
         return names
-    indices = {name: _LAYER_INDEX.search(name) for name in names}
-    kept = [name for name, match in indices.items() if match and int(match.group(1)) in layers]
-    present = sorted({int(match.group(1)) for match in indices.values() if match})
+    indices = {name: decoder_layer(name) for name in names}
+    kept = [name for name, found in indices.items() if found and found[1] in layers]
+    present = sorted({found[1] for found in indices.values() if found})
     require(bool(kept), f"layers_to_transform ({layers}) selects no target: the targets sit in layers {present}")
     return kept
 

@@ -33,7 +33,6 @@ else lives here, once:
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (
+    ATTENTION_PROJECTIONS,
     Adapter,
     AdapterConfig,
     AdapterLayer,
@@ -49,6 +49,7 @@ from .base import (
     adapter_modules,
     base_modules,
     check_field_types,
+    decoder_layer,
     require,
 )
 from .experts import LoraExperts, TrainedLora, adapter_dtype, lora_folder, read_trained_lora, stack_trained_loras
@@ -57,9 +58,6 @@ from .routing import Routing
 EXPERT_SOURCES = ("train", "load")
 HARD, SOFT = "hard", "soft"
 SITE_LEVELS = ("matrix", "layer", "block", "network")
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# ``<stack>.<i>.`` in a module path: the i-th decoder layer (``model.layers.3.``, GPT-2's ``transformer.h.3.``).
-_DECODER_LAYER = re.compile(r"^(?P<stack>(?:.*?\.)?(?:layers|layer|h|blocks))\.(?P<index>\d+)\.")
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -159,10 +157,10 @@ def site_key(module: str, level: str, block_layers: int = 1) -> str:
         return module
     if level == "network":
         return ""
-    match = _DECODER_LAYER.match(module)
-    require(match is not None, f"cannot tell the decoder layer of {module!r} for a {level}-level routing site")
-    index = int(match["index"])
-    return f"{match['stack']}.{index}" if level == "layer" else f"{match['stack']}.block{index // block_layers}"
+    found = decoder_layer(module)
+    require(found is not None, f"cannot tell the decoder layer of {module!r} for a {level}-level routing site")
+    stack, index = found
+    return f"{stack}.{index}" if level == "layer" else f"{stack}.block{index // block_layers}"
 
 
 def task_weights(context: BatchContext, x: Tensor, num_experts: int) -> Tensor:

@@ -66,14 +66,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, AdapterLayer, register, require
+from .base import LLAMA_PROJECTIONS, Adapter, AdapterLayer, register, require
 from .experts import adapter_dtype
 from .lora import LoraConfig
 from .routing import Routing, balance_loss_terms, full_precision, masked_mean
 
 MAGNITUDE_NORMS = ("l2_row", "row_sum")
 LOSS_ACTIVATIONS = ("scaled", "unscaled")
-LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARE_GUARD = 1e-9  # q = a / (Σa + 1e-9), methods.md §6.3
 
 

@@ -117,11 +117,15 @@ class GatePool:
 
 
 def start_pool(z: Tensor, prompt_mask: Tensor | None) -> GatePool:
-    """The pool of new sequences ``z`` [B, S, ξ]: a row with prompt tokens under ``prompt_mask`` (when it
-    describes these tokens) holds its prompt's sum, closed; the other rows start empty and grow causally."""
+    """The pool of new sequences ``z`` [B, S, ξ]: a row with prompt tokens under ``prompt_mask`` holds its
+    prompt's sum, closed; rows without (no mask, as in lm-eval) start empty and grow causally. The mask comes
+    from the data module's tokenisation, so it marks the prompt whether or not the loss covers it."""
     total, count = z.new_zeros(z.shape[0], 1, z.shape[-1]), z.new_zeros(z.shape[0], 1, 1)
     grows = z.new_ones(z.shape[0], 1, 1)
-    if prompt_mask is not None and prompt_mask.shape == z.shape[:2]:
+    if prompt_mask is not None:
+        if prompt_mask.shape != z.shape[:2]:
+            raise RuntimeError(f"gate_scope 'prompt_mean': the prompt mask is {tuple(prompt_mask.shape)}, the gate "
+                               f"input {tuple(z.shape[:2])}: set_context was given another batch")
         mask = prompt_mask.to(z.device, z.dtype).unsqueeze(-1)
         prompt_count = mask.sum(dim=1, keepdim=True)
         has_prompt = prompt_count > 0

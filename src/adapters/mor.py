@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import (
+    LLAMA_PROJECTIONS,
     Adapter,
     AdapterConfig,
     AdapterConfigError,
@@ -119,8 +120,7 @@ class MixtureOfRouters(TopKRouter):
 class PerLinearConfig(RoutedLoraConfig):
     """MoLA-style: every adapted linear gets ``num_experts`` LoRA experts and its own top-k router."""
 
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                     "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05

@@ -146,17 +146,33 @@ class TaskMixtureDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
 
     def encode(self, task_id: int, example: dict) -> dict[str, Any]:
-        """Token ids and labels of one example (prompt tokens masked when ``loss_on_answer_only``)."""
+        """Token ids, labels (prompt tokens masked when ``loss_on_answer_only``) and the number of prompt
+        tokens of one example."""
         prompt, answer = prompt_and_answer(example)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        input_ids = self.tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        input_ids, prompt_length = self.split_tokens(prompt, answer)
         if self.append_eos and self.tokenizer.eos_token_id is not None:
             input_ids = input_ids + [self.tokenizer.eos_token_id]
         labels = list(input_ids)
         if self.loss_on_answer_only:
-            labels[: len(prompt_ids)] = [-100] * len(prompt_ids)
+            labels[:prompt_length] = [-100] * prompt_length
         cut = max(0, len(input_ids) - self.max_length)  # drop from the left: the answer survives
-        return {"input_ids": input_ids[cut:], "labels": labels[cut:], "task_id": task_id}
+        return {"input_ids": input_ids[cut:], "labels": labels[cut:], "task_id": task_id,
+                "prompt_length": max(0, prompt_length - cut)}
+
+    def split_tokens(self, prompt: str, answer: str) -> tuple[list[int], int]:
+        """``(tokens of prompt + answer, how many of them are prompt)``. Usually the prompt's own tokens prefix
+        the joint tokenisation; where a BPE merge crosses the boundary they do not, and the character offsets
+        decide instead: a token that ends inside the prompt is prompt, the token that straddles the boundary
+        is answer (it holds answer characters the model must produce)."""
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        input_ids = self.tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        if input_ids[:len(prompt_ids)] == prompt_ids:
+            return input_ids, len(prompt_ids)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("data: the prompt's tokens are no prefix of prompt + answer and this (slow) tokenizer "
+                             f"gives no character offsets to split them: {prompt[-40:]!r} + {answer[:40]!r}")
+        offsets = self.tokenizer(prompt + answer, add_special_tokens=False, return_offsets_mapping=True)
+        return input_ids, sum(1 for _, end in offsets["offset_mapping"] if end <= len(prompt))
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
@@ -167,19 +183,22 @@ class TaskMixtureDataModule(L.LightningDataModule):
         self.heldout_items = [self.encode(task_id, example) for task_id, example in self.heldout_examples]
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Right-pad to the longest sequence of the batch; padding gets label −100 and attention 0. Training
-        batches also carry ``step_targets``, the supervised targets of their whole optimiser step."""
+        """Right-pad to the longest sequence of the batch; padding gets label −100 and attention 0.
+        ``prompt_mask`` marks each row's prompt tokens (MoLE's prompt-mean gate reads it, whatever the loss
+        covers); training batches also carry ``step_targets``, the supervised targets of their whole step."""
         length = max(len(item["input_ids"]) for item in items)
         pad_id = self.tokenizer.pad_token_id
         batch = {"input_ids": torch.full((len(items), length), pad_id, dtype=torch.long),
                  "attention_mask": torch.zeros(len(items), length, dtype=torch.long),
                  "labels": torch.full((len(items), length), -100, dtype=torch.long),
-                 "task_ids": torch.tensor([item["task_id"] for item in items], dtype=torch.long)}
+                 "task_ids": torch.tensor([item["task_id"] for item in items], dtype=torch.long),
+                 "prompt_mask": torch.zeros(len(items), length, dtype=torch.bool)}
         for row, item in enumerate(items):
             n = len(item["input_ids"])
             batch["input_ids"][row, :n] = torch.tensor(item["input_ids"])
             batch["attention_mask"][row, :n] = 1
             batch["labels"][row, :n] = torch.tensor(item["labels"])
+            batch["prompt_mask"][row, :item["prompt_length"]] = True
         if "step_targets" in items[0]:
             batch["step_targets"] = torch.tensor(items[0]["step_targets"], dtype=torch.long)
         return batch

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from moelab.adapters import config_from_dict, count_parameters, inject, merge_and_unload, registered_adapters
+from moelab.adapters.base import LLAMA_PROJECTIONS
 
 # Real architectures' shapes (random weights: timing needs no trained values).
 SHAPES = {
@@ -42,7 +43,7 @@ SHAPES = {
     "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000),
 }
-LORA_R16_ALL = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+LORA_R16_ALL = {"target_modules": list(LLAMA_PROJECTIONS),
                 "r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 
 

@@ -25,12 +25,16 @@ NOISY = ("lightning.pytorch", "lightning.fabric", "lm_eval", "datasets", "transf
 
 
 def say(message: str) -> None:
-    """One ``[moelab]`` line: logged where logging is set up (Hydra jobs), printed otherwise."""
+    """``[moelab]`` lines (indented lines as they are): logged in a Hydra job, whose logging writes them to the
+    console and train.log; printed when moelab runs as a library."""
+    from hydra.core.hydra_config import HydraConfig
+
     for line in message.splitlines():
-        if logging.getLogger().hasHandlers():
-            log.info(f"[moelab] {line}" if not line.startswith(" ") else line)
+        text = line if line.startswith(" ") else f"[moelab] {line}"
+        if HydraConfig.initialized():
+            log.info(text)
         else:
-            print(f"[moelab] {line}" if not line.startswith(" ") else line, flush=True)
+            print(text, flush=True)
 
 
 def elapsed(since: float) -> str:

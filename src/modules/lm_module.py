@@ -92,8 +92,7 @@ class AdapterLM(L.LightningModule):
         The LM head runs only at positions whose next token is a target in some row (``logits_to_keep``):
         with the loss on answers only, most positions are prompt, and the head (49k–128k outputs per token)
         and its [batch, seq, vocab] logits are a large share of a small model's step and memory."""
-        prompt_mask = batch["attention_mask"].bool() & (batch["labels"] == -100)
-        self.adapter.set_context(self.model, batch["task_ids"], self._token_mask(batch), prompt_mask)
+        self.adapter.set_context(self.model, batch["task_ids"], self._token_mask(batch), batch["prompt_mask"])
         targets = batch["labels"][:, 1:]
         keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -98,8 +98,23 @@ def _identity(name: str, pretrained: str, dtype: str, revision: str | None,
     config = Path(pretrained) / "config.json"
     weights = sorted(Path(pretrained).glob("*.safetensors")) if Path(pretrained).is_dir() else []
     if config.exists():
-        stamp = json.dumps(json.loads(config.read_text()), sort_keys=True)
-        stamp += "".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
-        digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
-        return f"{name}:{dtype}:{digest}{kernel}"
+        digest = hashlib.sha256(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
+        for weight in weights:
+            digest.update(_fingerprint(weight))
+        return f"{name}:{dtype}:{digest.hexdigest()[:16]}{kernel}"
     return f"{name}:{pretrained}@{revision or 'main'}:{dtype}{kernel}"
+
+
+FINGERPRINT_BYTES = 1 << 20
+
+
+def _fingerprint(path: Path) -> bytes:
+    """A weight file by its content, not its modification time (which a copy to another machine changes):
+    its name, size, safetensors header (every tensor's dtype, shape and offsets) and first and last MiB of
+    data. Reading a whole 7B checkpoint at every start would cost tens of seconds."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(FINGERPRINT_BYTES)
+        handle.seek(max(0, size - FINGERPRINT_BYTES))
+        tail = handle.read(FINGERPRINT_BYTES)
+    return f"{path.name}:{size}:".encode() + hashlib.sha256(head + tail).digest()

@@ -411,6 +411,7 @@ def _results(cfg, adapter, base, parameters, split_report, base_scores, base_cac
         "fidelity": adapter.fidelity,
         "label": adapter.label,
         "mergeable": adapter.mergeable,
+        "placement": adapter.placement,
         "seed": cfg.seed,
         "model": base.name,
         "model_identity": base.identity,
