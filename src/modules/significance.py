@@ -110,3 +110,54 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
         adjusted[index] = running
     return adjusted
+
+
+# ------------------------------------------------------------------------------------------- a table's cells
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """How many bootstrap replicates, and the seed that makes them reproducible."""
+
+    iterations: int = 10_000
+    seed: int = 0
+
+
+class Evidence:
+    """The per-example correctness of one table line: ``task -> seed -> (doc ids, 0/1 per example)``."""
+
+    def __init__(self, name: str, table: dict[str, dict[int, tuple[list[int], np.ndarray]]]) -> None:
+        self.name, self.table = name, table
+
+    def matrices(self, tasks: list[str]) -> tuple[Correctness, dict[str, list[int]]] | None:
+        """Seeds × examples per task over the seeds that have every task of ``tasks``, and each task's doc
+        ids; None without such a seed. Seeds scored on other examples than each other are an error."""
+        if not tasks or any(task not in self.table for task in tasks):
+            return None
+        seeds = sorted(set.intersection(*(set(self.table[task]) for task in tasks)))
+        if not seeds:
+            return None
+        matrices, ids = {}, {}
+        for task in tasks:
+            found = {tuple(self.table[task][seed][0]) for seed in seeds}
+            if len(found) > 1:
+                raise ValueError(f"{self.name}: the seeds' predictions on {task} hold different examples")
+            ids[task] = list(found.pop())
+            matrices[task] = np.stack([self.table[task][seed][1] for seed in seeds])
+        return matrices, ids
+
+    def interval(self, tasks: list[str], resampling: Resampling) -> Interval | None:
+        """The line's score on ``tasks`` (one task, or the average over several) with its interval."""
+        found = self.matrices(tasks)
+        if found is None:
+            return None
+        return interval([(1.0, found[0])], tasks, resampling.iterations, resampling.seed, f"{self.name}|{tasks}")
+
+    def difference(self, reference: Evidence, tasks: list[str], resampling: Resampling) -> Interval | None:
+        """``self − reference`` on ``tasks``, paired by example, with its interval and p-value; None when either
+        lacks predictions, or when the two were scored on different examples."""
+        ours, theirs = self.matrices(tasks), reference.matrices(tasks)
+        if ours is None or theirs is None or ours[1] != theirs[1]:
+            return None
+        return interval([(1.0, ours[0]), (-1.0, theirs[0])], tasks, resampling.iterations, resampling.seed,
+                        f"{self.name}−{reference.name}|{tasks}", paired=True)
