@@ -3,6 +3,7 @@ published numbers and differences, the single-task protocol, variants, budgets, 
 
 import csv
 import json
+import os
 import statistics
 
 import pytest
@@ -13,6 +14,7 @@ from test_plots import routed_stats
 from moelab.modules.compare import compare
 from moelab.modules.evaluation import write_predictions
 from moelab.modules.significance import Resampling
+from moelab.modules.summary_run import log_summary, sweep_group
 
 TASKS = ("arc_easy", "piqa")
 PAPER = {"source": "Some paper", "table": "Table 1", "model": "Big-LM", "tasks": list(TASKS), "note": "accuracy",
@@ -291,3 +293,13 @@ def test_routing_columns_say_what_routing_means_for_router_free_and_dense_gate_m
         write_run(tmp_path, method, method, 0, {"arc_easy": 0.5}, paper=None)
     text = compare(tmp_path).text
     assert "FURINA has no router" in text and "MoLE's gate is dense" in text
+
+
+def test_the_summary_wandb_run_holds_the_table_and_figures_offline(paired_sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")  # offline unless asked for: the flag decides, not the shell
+    out = tmp_path / "out"
+    result = compare(paired_sweep, out, resampling=Resampling(100, 0))
+    folder = log_summary(result, paired_sweep, out)
+    assert folder is not None and folder.parent == out / "wandb" and folder.name.startswith("offline-run-")
+    assert list(folder.glob("run-*.wandb")) and os.environ["WANDB_MODE"] == "offline"
+    assert sweep_group(result.runs, paired_sweep) == paired_sweep.name

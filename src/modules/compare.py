@@ -546,7 +546,7 @@ def table(lines: list[Line], tasks: list[str], metrics: dict[str, str]) -> tuple
         cells = [line.name, line.parameters or "–"] + ([line.sized or "–"] if sized else [])
         cells += [_cell(line.cells.get(task), line.kind, line.seeds) for task in tasks]
         cells += [_cell(line.average, line.kind, line.seeds), str(line.seeds) if line.seeds else "–"]
-        cells += [_number(line.costs.get(name), 0) for name, _, _ in COST_COLUMNS]
+        cells += [_number(line.costs.get(name), 1 if name == "train_s" else 0) for name, _, _ in COST_COLUMNS]
         cells += [_number(line.routing.get(name), digits)
                   for name, digits in (("entropy", 3), ("load_cv", 3), ("dead_experts", 1))]
         body.append(cells)
@@ -629,6 +629,8 @@ class Comparison:
     unfinished: list[str] = field(default_factory=list)  # failed or interrupted jobs, folders without results
     latex: Path | None = None
     figures: list[Path] = field(default_factory=list)  # learning curves and accuracies, PNG and PDF
+    table: tuple[list[str], list[list[str]]] = ([], [])  # the header and text cells of the table
+    runs: list[Run] = field(default_factory=list)
 
 
 def compare(sweep_dir: str | Path, out_dir: str | Path | None = None, split: str = "heldout",
@@ -684,7 +686,7 @@ def compare(sweep_dir: str | Path, out_dir: str | Path | None = None, split: str
     latex.write_text(render_latex(header, body, title))
     figures = write_figures(rows, lines, tasks, metrics, out_dir)
     return Comparison(markdown, table_csv, write_comparison_figure(rows, out_dir, split), text,
-                      failures + sweep.problems, latex, figures)
+                      failures + sweep.problems, latex, figures, (header, body), sweep.runs)
 
 
 def pin_reference(rows: list[Row], reference: str | None) -> tuple[list[Row], list[str] | None]:
