@@ -303,3 +303,20 @@ def test_the_summary_wandb_run_holds_the_table_and_figures_offline(paired_sweep,
     assert folder is not None and folder.parent == out / "wandb" and folder.name.startswith("offline-run-")
     assert list(folder.glob("run-*.wandb")) and os.environ["WANDB_MODE"] == "offline"
     assert sweep_group(result.runs, paired_sweep) == paired_sweep.name
+
+
+def test_predictions_on_other_examples_give_no_interval_or_difference_and_say_why(tmp_path):
+    write_run(tmp_path, "lora", "lora", 0, {"arc_easy": 0.8}, paper=None, correct={"arc_easy": REFERENCE})
+    write_run(tmp_path, "mixlora", "mixlora", 0, {"arc_easy": 0.8}, paper=None, correct={"arc_easy": REFERENCE[:30]})
+    write_run(tmp_path, "mor-0", "mor", 0, {"arc_easy": 0.8}, paper=None, correct={"arc_easy": REFERENCE})
+    write_run(tmp_path, "mor-1", "mor", 1, {"arc_easy": 0.8}, paper=None, correct={"arc_easy": REFERENCE[:30]})
+    write_run(tmp_path, "furina", "furina", 0, {"arc_easy": 0.5}, paper=None)  # no predictions kept
+    result = compare(tmp_path, resampling=Resampling(100, 0))
+    rows = table_rows(result.csv)
+    assert rows["ours:mixlora"]["arc_easy_low"] != "" and rows["ours:mor"]["arc_easy_low"] == ""
+    assert [line["name"] for line in csv_lines(result.csv) if line["kind"] == "paired"] == []
+    assert "⚠ mixlora [official-code-parity]: scored on other examples than lora [official-code-parity] on " \
+           "arc_easy: no paired difference there" in result.text
+    assert "⚠ mor [official-code-parity]: the seeds' predictions on arc_easy hold different examples" in result.text
+    assert "furina [official-code-parity]: no per-example predictions for some tasks" in result.text
+    assert "lora [official-code-parity]: no per-example" not in result.text

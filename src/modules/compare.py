@@ -271,7 +271,7 @@ def _sized(runs: list[Run]) -> str:
 
 def our_line(row: Row, tasks: list[str], split: str, show_protocol: bool, resampling: Resampling) -> Line:
     seeds = row.by_seed()
-    evidence = Evidence(row.name(True), row.correctness())
+    evidence = Evidence(row.name(show_protocol), row.correctness())
     cells = {task: _with_ci(_stat([scores[task] for scores in seeds.values() if task in scores]),
                             evidence, [task], resampling) for task in tasks}
     complete = [scores for scores in seeds.values() if tasks and all(task in scores for task in tasks)]
@@ -501,11 +501,13 @@ def cost_notes(rows: list[Row]) -> list[str]:
 
 
 def prediction_notes(lines: list[Line], tasks: list[str]) -> list[str]:
-    """Lines whose cells have no interval because their runs kept no per-example predictions."""
-    lacking = [line.name for line in lines if line.kind in ("ours", "base")
-               and any(isinstance(cell, Stat) and cell.ci is None for cell in line.cells.values())]
-    return [f"{name}: no per-example predictions for some tasks (runs from before they were kept): no interval "
-            "and no paired difference there" for name in lacking]
+    """Lines whose cells have no interval because their runs kept no per-example predictions, and the
+    intervals and differences that their predictions could not give (examples that do not match)."""
+    lacking = [line.name for line in lines if line.kind in ("ours", "base") and line.evidence is not None
+               and any(isinstance(cell, Stat) and task not in line.evidence.table for task, cell in line.cells.items())]
+    notes = [f"{name}: no per-example predictions for some tasks (runs from before they were kept): no interval "
+             "and no paired difference there" for name in lacking]
+    return notes + [problem for line in lines if line.evidence is not None for problem in line.evidence.problems]
 
 
 # ------------------------------------------------------------------------------------------------ output

@@ -128,10 +128,15 @@ class Evidence:
 
     def __init__(self, name: str, table: dict[str, dict[int, tuple[list[int], np.ndarray]]]) -> None:
         self.name, self.table = name, table
+        self.problems: list[str] = []  # why an interval or a difference is missing, for the table's notes
+
+    def _problem(self, text: str) -> None:
+        if text not in self.problems:
+            self.problems.append(text)
 
     def matrices(self, tasks: list[str]) -> tuple[Correctness, dict[str, list[int]]] | None:
         """Seeds × examples per task over the seeds that have every task of ``tasks``, and each task's doc
-        ids; None without such a seed. Seeds scored on other examples than each other are an error."""
+        ids; None without such a seed, or when the seeds were scored on different examples (noted)."""
         if not tasks or any(task not in self.table for task in tasks):
             return None
         seeds = sorted(set.intersection(*(set(self.table[task]) for task in tasks)))
@@ -141,7 +146,9 @@ class Evidence:
         for task in tasks:
             found = {tuple(self.table[task][seed][0]) for seed in seeds}
             if len(found) > 1:
-                raise ValueError(f"{self.name}: the seeds' predictions on {task} hold different examples")
+                self._problem(f"⚠ {self.name}: the seeds' predictions on {task} hold different examples (another "
+                              "eval.limit or held-out split?): no interval")
+                return None
             ids[task] = list(found.pop())
             matrices[task] = np.stack([self.table[task][seed][1] for seed in seeds])
         return matrices, ids
@@ -157,7 +164,12 @@ class Evidence:
         """``self − reference`` on ``tasks``, paired by example, with its interval and p-value; None when either
         lacks predictions, or when the two were scored on different examples."""
         ours, theirs = self.matrices(tasks), reference.matrices(tasks)
-        if ours is None or theirs is None or ours[1] != theirs[1]:
+        if ours is None or theirs is None:
+            return None
+        if ours[1] != theirs[1]:
+            self._problem(f"⚠ {self.name}: scored on other examples than {reference.name} on "
+                          f"{', '.join(task for task in tasks if ours[1][task] != theirs[1][task])}: no paired "
+                          "difference there")
             return None
         return interval([(1.0, ours[0]), (-1.0, theirs[0])], tasks, resampling.iterations, resampling.seed,
                         f"{self.name}−{reference.name}|{tasks}", paired=True)
