@@ -139,3 +139,12 @@ def test_the_mean_takes_each_tasks_own_metric():
     assert mean_score(scores, {"piqa": "acc_norm", "boolq": "acc"}) == pytest.approx(0.6)
     assert mean_score(scores) == pytest.approx(0.55)
     assert metric_label({"piqa": "acc_norm", "boolq": "acc"}) == "headline" and metric_label({"a": "acc"}) == "acc"
+
+
+def test_evaluate_averages_the_runs_headline_metrics(tmp_path):
+    run_metrics = runpy.run_path(str(ROOT / "scripts" / "evaluate.py"))["run_metrics"]
+    (tmp_path / "results.json").write_text(json.dumps({"metrics": {"piqa": "acc_norm", "boolq": "acc"}}))
+    assert run_metrics(tmp_path) == {"piqa": "acc_norm", "boolq": "acc"}
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    assert run_metrics(converted) == "acc"
