@@ -631,7 +631,7 @@ class Comparison:
     unfinished: list[str] = field(default_factory=list)  # failed or interrupted jobs, folders without results
     latex: Path | None = None
     figures: list[Path] = field(default_factory=list)  # learning curves and accuracies, PNG and PDF
-    table: tuple[list[str], list[list[str]]] = ([], [])  # the header and text cells of the table
+    table: tuple[list[str], list[list[str]]] = field(default_factory=lambda: ([], []))  # header, text cells
     runs: list[Run] = field(default_factory=list)
 
 
