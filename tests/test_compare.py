@@ -12,6 +12,7 @@ import yaml
 from test_plots import routed_stats
 
 from moelab.modules.compare import compare
+from moelab.modules.comparison_figures import read_curves, seed_band
 from moelab.modules.evaluation import write_predictions
 from moelab.modules.significance import Resampling
 from moelab.modules.summary_run import log_summary, sweep_group
@@ -320,3 +321,12 @@ def test_predictions_on_other_examples_give_no_interval_or_difference_and_say_wh
     assert "⚠ mor [official-code-parity]: the seeds' predictions on arc_easy hold different examples" in result.text
     assert "furina [official-code-parity]: no per-example predictions for some tasks" in result.text
     assert "lora [official-code-parity]: no per-example" not in result.text
+
+
+def test_curves_average_the_seeds_at_the_steps_all_of_them_logged(tmp_path):
+    for seed, losses in ((0, {0: 3.0, 1: 2.0, 2: 1.0}), (1, {0: 5.0, 1: 4.0})):
+        write_run(tmp_path, f"lora-{seed}", "lora", seed, {"arc_easy": 0.5}, paper=None, losses=losses)
+    curves = [read_curves(tmp_path / f"lora-{seed}") for seed in (0, 1)]
+    assert curves[0] == {"train/loss": {0: 3.0, 1: 2.0, 2: 1.0}, "val/ce": {2: 1.5}}
+    assert seed_band([curve["train/loss"] for curve in curves]) == ([0, 1], [4.0, 3.0], [3.0, 2.0], [5.0, 4.0])
+    assert read_curves(tmp_path / "no-such-run") == {}

@@ -3,7 +3,8 @@
 * ``learning_curves``: the training loss per step of each method (the mean over seeds at each step, and a
   band from the lowest to the highest seed), and the held-out (dev) cross-entropy wherever the runs logged it
   (once, after the fit, unless validation ran during training), with the same band as error bars. Both come
-  from each run's ``csv/metrics.csv`` (the CSV logger); runs without it are left out and listed.
+  from each run's ``csv/metrics.csv`` (the CSV logger); runs without it are left out, and a row
+  without any such run has no curve.
 * ``accuracy``: per task and for the average, the base model's score and each method's, as bars with the
   table's 95 % bootstrap intervals as error bars.
 
