@@ -260,7 +260,7 @@ def test_cells_carry_bootstrap_intervals_and_the_header_names_each_tasks_metric(
     assert 65 < float(lora["arc_easy_low"]) < 80 < float(lora["arc_easy_high"]) < 92
     base = rows["base:base model (tiny_random)"]
     assert float(base["arc_easy_low"]) < 25.0 < float(base["arc_easy_high"])
-    assert "| arc_easy (acc) | piqa (acc_norm) | Average (headline metrics) |" in result.text
+    assert "| arc_easy (acc) | piqa (acc_norm) | Average (headline) |" in result.text
     assert "bootstrap over examples and seeds (2,000 replicates, seed 0)" in result.text
     assert compare(paired_sweep, resampling=Resampling(2000, 0)).text == result.text, "seeded: reproducible"
 

@@ -40,7 +40,7 @@ import numpy as np
 import yaml
 
 from .comparison_figures import write_figures
-from .evaluation import read_predictions
+from .evaluation import metric_label, read_predictions
 from .plots import DPI, ROUTING_FILE, comparison_figure, read_routing
 from .significance import Evidence, Interval, Resampling, holm
 from .training import RESULTS_FILE
@@ -541,7 +541,7 @@ def table(lines: list[Line], tasks: list[str], metrics: dict[str, str]) -> tuple
     """The header and the text cells of every line: what the Markdown and the LaTeX table both show."""
     sized = any(line.sized for line in lines)
     header = (["Method", "Trainable (share of base)"] + (["Sized"] if sized else [])
-              + [f"{task} ({metrics[task]})" for task in tasks] + [f"Average ({_label(metrics, tasks)})", "Seeds"]
+              + [f"{task} ({metrics[task]})" for task in tasks] + [f"Average ({metric_label(metrics)})", "Seeds"]
               + [title for _, title, _ in COST_COLUMNS] + ["Entropy", "Load CV", "Dead experts"])
     body = []
     for line in lines:
@@ -553,11 +553,6 @@ def table(lines: list[Line], tasks: list[str], metrics: dict[str, str]) -> tuple
                   for name, digits in (("entropy", 3), ("load_cv", 3), ("dead_experts", 1))]
         body.append(cells)
     return header, body
-
-
-def _label(metrics: dict[str, str], tasks: list[str]) -> str:
-    names = {metrics[task] for task in tasks}
-    return names.pop() if len(names) == 1 else "headline metrics"
 
 
 def render_markdown(title: str, header: list[str], body: list[list[str]], notes: dict[str, list[str]]) -> str:
