@@ -31,7 +31,8 @@ demo: setup
 	$(OFFLINE) $(PY) scripts/compare.py $(DEMO_DIR)
 	$(OFFLINE) $(PY) scripts/plot_expert_maps.py $(DEMO_DIR)/*/
 	@echo "[moelab] demo finished: $(DEMO_DIR)"
-	@echo "    table            $(DEMO_DIR)/comparison.md (and .csv)"
+	@echo "    table            $(DEMO_DIR)/comparison.md (and .csv, .tex)"
+	@echo "    figures          $(DEMO_DIR)/learning_curves.png, accuracy.png (and .pdf)"
 	@echo "    expert maps      $(DEMO_DIR)/expert_maps.png, and <run>/plots/ per run"
 	@echo "    runs             $(DEMO_DIR)/<job>_<method>-seed<seed>/results.json"
 	@echo "    W&B (offline)    $(DEMO_DIR)/<job>/wandb/  (upload: wandb sync <folder>)"

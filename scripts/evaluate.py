@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from moelab.adapters import MergeError, merge_and_unload
-from moelab.modules.evaluation import lm_eval_scores, mean_score
+from moelab.modules.evaluation import lm_eval_scores, mean_score, metric_label
 from moelab.modules.runs import heldout_tasks, load_trained
 
 EVAL_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml"
@@ -34,6 +34,13 @@ def run_protocol(run_dir: Path) -> dict:
     else:
         settings = OmegaConf.to_container(OmegaConf.load(EVAL_DEFAULTS))
     return {name: settings.get(name) for name in PROTOCOL}
+
+
+def run_metrics(run_dir: Path) -> dict[str, str] | str:
+    """The headline metric of each task as the run recorded it (results.json's ``metrics``), so that the mean
+    compares with the run's; ``acc`` for a folder without one."""
+    results = run_dir / "results.json"
+    return (json.loads(results.read_text()).get("metrics") if results.exists() else None) or "acc"
 
 
 def main() -> int:
@@ -57,12 +64,14 @@ def main() -> int:
             print(f"[moelab] {error}", file=sys.stderr)
             return 1
     scores = lm_eval_scores(model, base.tokenizer, heldout_tasks(args.run_dir), **protocol)
+    metrics = run_metrics(args.run_dir)
     report = {"label": adapter.label, "scored_as": scored_as, "protocol": protocol, "overridden": sorted(overrides),
-              "scores": scores, "mean": mean_score(scores)}
+              "scores": scores, "metrics": metrics, "mean": mean_score(scores, metrics)}
     (args.run_dir / "evaluation.json").write_text(json.dumps(report, indent=2))
     for task, metrics in scores.items():
         print(f"{task:<20} " + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
-    print(f"{adapter.label} ({scored_as}): mean acc {100 * report['mean']:.2f}")
+    label = metrics if isinstance(metrics, str) else metric_label(metrics)
+    print(f"{adapter.label} ({scored_as}): mean {label} {100 * report['mean']:.2f}")
     return 0
 
 

@@ -3,6 +3,7 @@ published numbers and differences, the single-task protocol, variants, budgets, 
 
 import csv
 import json
+import os
 import statistics
 
 import pytest
@@ -11,6 +12,10 @@ import yaml
 from test_plots import routed_stats
 
 from moelab.modules.compare import compare
+from moelab.modules.comparison_figures import read_curves, seed_band
+from moelab.modules.evaluation import write_predictions
+from moelab.modules.significance import Resampling
+from moelab.modules.summary_run import log_summary, sweep_group
 
 TASKS = ("arc_easy", "piqa")
 PAPER = {"source": "Some paper", "table": "Table 1", "model": "Big-LM", "tasks": list(TASKS), "note": "accuracy",
@@ -20,8 +25,11 @@ PAPER = {"source": "Some paper", "table": "Table 1", "model": "Big-LM", "tasks":
 
 
 def write_run(root, name, method, seed, scores, fidelity="official-code-parity", overrides=(), paper=PAPER,
-              routing=None, max_steps=10, budget=None, trainable=1000, lr=2e-4):
-    """A run folder as training writes it: results.json, .hydra/overrides.yaml, routing.pt when it routes."""
+              routing=None, max_steps=10, budget=None, trainable=1000, lr=2e-4, correct=None, metrics=None,
+              costs=None, losses=None):
+    """A run folder as training writes it: results.json, .hydra/overrides.yaml, routing.pt when it routes; with
+    ``correct`` (task -> 0/1 per example) the predictions of the tuned model, and the base model's (from
+    BASE_CORRECT); with ``losses`` (step -> training loss) a CSV log whose last row holds the dev loss."""
     folder = root / name
     (folder / ".hydra").mkdir(parents=True)
     summary = ({"routing/entropy": 0.5 + 0.1 * seed, "routing/load_cv": 0.2, "routing/dead_experts": float(seed)}
@@ -31,12 +39,24 @@ def write_run(root, name, method, seed, scores, fidelity="official-code-parity",
                "parameters": {"base": 100_000, "adapter": trainable, "trainable": trainable,
                               "trainable_share": trainable / 100_000},
                "budget": budget, "data": {"tasks": {task: {"train": 60, "heldout": 20} for task in scores}},
-               "metric": "acc", "scores": {task: {"acc": value} for task, value in scores.items()},
-               "base_scores": {"arc_easy": {"acc": 0.25}, "piqa": {"acc": 0.5}},
+               "metric": "auto" if metrics else "acc", "metrics": metrics or dict.fromkeys(scores, "acc"),
+               "scores": {task: {"acc": value, "acc_norm": value} for task, value in scores.items()},
+               "base_scores": {"arc_easy": {"acc": 0.25, "acc_norm": 0.25}, "piqa": {"acc": 0.5, "acc_norm": 0.5}},
                "routing": {"train": summary, "heldout": summary},
                "config": {"trainer": {"max_steps": max_steps}, "data": {"batch_size": 8}, "paper": paper,
                           "module": {"optimizer": {"lr": lr}}}}
+    if costs is not None:
+        results["timings"] = {"train_s": costs[0], "tokens_per_s": costs[1]}
+        results["memory"] = {"peak_mib": costs[2], "measure": "peak_rss"}
     (folder / "results.json").write_text(json.dumps(results))
+    if correct is not None:
+        write_predictions(folder, {"base": {task: records(BASE_CORRECT[task]) for task in correct},
+                                   "tuned": {task: records(values) for task, values in correct.items()}})
+    if losses is not None:
+        (folder / "csv").mkdir()
+        rows = ["step,train/loss,val/ce", *(f"{step},{loss}," for step, loss in losses.items()),
+                f"{max(losses)},,{min(losses.values()) + 0.5}"]
+        (folder / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={seed}", *overrides]))
     if routing is not None:
         torch.save({"tasks": list(scores), "method": results["label"], "train": routing.state_dict(),
@@ -44,6 +64,14 @@ def write_run(root, name, method, seed, scores, fidelity="official-code-parity",
     return folder
 
 
+def records(correct: list[int]) -> list[dict]:
+    """Prediction records with a given correctness (both metrics), as the run folder holds them."""
+    return [{"doc_id": index, "gold": 0, "choice": 1 - value, "acc": value, "acc_norm": value}
+            for index, value in enumerate(correct)]
+
+
+N = 60
+BASE_CORRECT = {"arc_easy": [1] * 15 + [0] * 45, "piqa": [1] * 30 + [0] * 30}
 LORA = {0: (0.60, 0.70), 1: (0.64, 0.74), 2: (0.62, 0.78)}
 MIXLORA = {0: (0.70, 0.80), 1: (0.72, 0.82)}
 
@@ -179,3 +207,126 @@ def test_budgets_show_the_size_chosen_and_the_rule(tmp_path):
 def test_an_empty_folder_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results.json"):
         compare(tmp_path)
+
+
+# -- intervals, paired differences to the reference, costs, LaTeX and figures -----------------------------
+
+REFERENCE = [1] * 48 + [0] * 12  # 80 % right
+
+
+def flip(values: list[int], indices) -> list[int]:
+    return [1 - value if index in indices else value for index, value in enumerate(values)]
+
+
+@pytest.fixture
+def paired_sweep(tmp_path):
+    """lora (the reference), its exact opposite, an identical copy and one that is right on one more example,
+    two seeds each, every one with the same predictions on both tasks."""
+    methods = {"lora": REFERENCE, "opposite": [1 - v for v in REFERENCE], "same": REFERENCE,
+               "one_more": flip(REFERENCE, {59})}
+    for method, correct in methods.items():
+        for seed in (0, 1):
+            write_run(tmp_path, f"{method}-{seed}", method, seed, dict.fromkeys(TASKS, statistics.fmean(correct)),
+                      paper=None, correct=dict.fromkeys(TASKS, correct), costs=(100.0 + seed, 50.0, 600.0),
+                      metrics={"arc_easy": "acc", "piqa": "acc_norm"},
+                      losses={step: 3.0 - 0.1 * step - 0.05 * seed for step in range(5)})
+    return tmp_path
+
+
+def test_the_reference_comes_first_and_every_other_method_gets_a_paired_difference(paired_sweep):
+    result = compare(paired_sweep, resampling=Resampling(2000, 0))
+    lines = csv_lines(result.csv)
+    assert [(line["kind"], line["method"]) for line in lines[:2]] == [("base", ""), ("ours", "lora")]
+    paired = {previous["method"]: line for previous, line in zip(lines, lines[1:], strict=False)
+              if line["kind"] == "paired"}
+    assert set(paired) == {"opposite", "same", "one_more"} and "lora" not in paired
+    for column in ("arc_easy", "piqa", "average"):
+        assert float(paired["opposite"][column]) == pytest.approx(-60.0)
+        assert float(paired["opposite"][f"{column}_high"]) < 0 and float(paired["opposite"][f"{column}_p_holm"]) < 0.05
+        assert float(paired["same"][column]) == 0.0 and float(paired["same"][f"{column}_p_holm"]) == 1.0
+        assert float(paired["one_more"][column]) == pytest.approx(100 / N)
+        assert float(paired["one_more"][f"{column}_low"]) <= 0 and float(paired["one_more"][f"{column}_p_holm"]) > 0.3
+        p, adjusted = float(paired["opposite"][f"{column}_p"]), float(paired["opposite"][f"{column}_p_holm"])
+        assert adjusted == pytest.approx(min(1.0, 3 * p)), "the smallest of three p-values: times three"
+    rows = [row for row in result.text.splitlines() if row.startswith("| ↳ − lora")]
+    assert len(rows) == 3 and sum(row.count(" *") for row in rows) == 3, "only the opposite method is marked"
+
+
+def test_cells_carry_bootstrap_intervals_and_the_header_names_each_tasks_metric(paired_sweep):
+    result = compare(paired_sweep, resampling=Resampling(2000, 0))
+    rows = table_rows(result.csv)
+    lora = rows["ours:lora"]
+    assert float(lora["arc_easy"]) == pytest.approx(80.0)
+    assert 65 < float(lora["arc_easy_low"]) < 80 < float(lora["arc_easy_high"]) < 92
+    base = rows["base:base model (tiny_random)"]
+    assert float(base["arc_easy_low"]) < 25.0 < float(base["arc_easy_high"])
+    assert "| arc_easy (acc) | piqa (acc_norm) | Average (headline) |" in result.text
+    assert "bootstrap over examples and seeds (2,000 replicates, seed 0)" in result.text
+    assert compare(paired_sweep, resampling=Resampling(2000, 0)).text == result.text, "seeded: reproducible"
+
+
+def test_cost_columns_and_the_latex_table(paired_sweep):
+    result = compare(paired_sweep, resampling=Resampling(200, 0))
+    lora = table_rows(result.csv)["ours:lora"]
+    assert float(lora["train_s"]) == pytest.approx(100.5) and float(lora["peak_mib"]) == 600.0
+    assert "| Train s | Tokens/s | Peak MiB |" in result.text and "Peak MiB: the process's peak resident" in result.text
+    latex = result.latex.read_text()
+    assert latex.count(r"\toprule") == latex.count(r"\midrule") == latex.count(r"\bottomrule") == 1
+    assert r"arc\_easy (acc)" in latex and r"$\hookrightarrow$ $-$ lora" in latex
+    assert latex.count(r" \\") == 1 + len(csv_lines(result.csv))
+
+
+def test_learning_curves_and_accuracy_figures_as_png_and_pdf(paired_sweep, tmp_path):
+    result = compare(paired_sweep, tmp_path / "out", resampling=Resampling(200, 0))
+    names = sorted(path.name for path in result.figures)
+    assert names == ["accuracy.pdf", "accuracy.png", "learning_curves.pdf", "learning_curves.png"]
+    assert all(path.stat().st_size > 0 and path.parent == tmp_path / "out" for path in result.figures)
+
+
+def test_a_missing_reference_gives_no_paired_rows(paired_sweep):
+    result = compare(paired_sweep, reference="mixlora", resampling=Resampling(200, 0))
+    assert not [line for line in csv_lines(result.csv) if line["kind"] == "paired"]
+    assert "Reference:" not in result.text
+
+
+def test_routing_columns_say_what_routing_means_for_router_free_and_dense_gate_methods(tmp_path):
+    for method in ("furina", "mole"):
+        write_run(tmp_path, method, method, 0, {"arc_easy": 0.5}, paper=None)
+    text = compare(tmp_path).text
+    assert "FURINA has no router" in text and "MoLE's gate is dense" in text
+
+
+def test_the_summary_wandb_run_holds_the_table_and_figures_offline(paired_sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")  # offline unless asked for: the flag decides, not the shell
+    out = tmp_path / "out"
+    result = compare(paired_sweep, out, resampling=Resampling(100, 0))
+    folder = log_summary(result, paired_sweep, out)
+    assert folder is not None and folder.parent == out / "wandb" and folder.name.startswith("offline-run-")
+    assert list(folder.glob("run-*.wandb")) and os.environ["WANDB_MODE"] == "offline"
+    assert sweep_group(result.runs, paired_sweep) == paired_sweep.name
+
+
+def test_predictions_on_other_examples_give_no_interval_or_difference_and_say_why(tmp_path):
+    write_run(tmp_path, "lora", "lora", 0, {"arc_easy": 0.8}, paper=None, correct={"arc_easy": REFERENCE})
+    write_run(tmp_path, "mixlora", "mixlora", 0, {"arc_easy": 0.8}, paper=None, correct={"arc_easy": REFERENCE[:30]})
+    write_run(tmp_path, "mor-0", "mor", 0, {"arc_easy": 0.8}, paper=None, correct={"arc_easy": REFERENCE})
+    write_run(tmp_path, "mor-1", "mor", 1, {"arc_easy": 0.8}, paper=None, correct={"arc_easy": REFERENCE[:30]})
+    write_run(tmp_path, "furina", "furina", 0, {"arc_easy": 0.5}, paper=None)  # no predictions kept
+    result = compare(tmp_path, resampling=Resampling(100, 0))
+    rows = table_rows(result.csv)
+    assert rows["ours:mixlora"]["arc_easy_low"] != "" and rows["ours:mor"]["arc_easy_low"] == ""
+    assert [line["name"] for line in csv_lines(result.csv) if line["kind"] == "paired"] == []
+    assert "⚠ mixlora [official-code-parity]: scored on other examples than lora [official-code-parity] on " \
+           "arc_easy: no paired difference there" in result.text
+    assert "⚠ mor [official-code-parity]: the seeds' predictions on arc_easy hold different examples" in result.text
+    assert "furina [official-code-parity]: no per-example predictions for some tasks" in result.text
+    assert "lora [official-code-parity]: no per-example" not in result.text
+
+
+def test_curves_average_the_seeds_at_the_steps_all_of_them_logged(tmp_path):
+    for seed, losses in ((0, {0: 3.0, 1: 2.0, 2: 1.0}), (1, {0: 5.0, 1: 4.0})):
+        write_run(tmp_path, f"lora-{seed}", "lora", seed, {"arc_easy": 0.5}, paper=None, losses=losses)
+    curves = [read_curves(tmp_path / f"lora-{seed}") for seed in (0, 1)]
+    assert curves[0] == {"train/loss": {0: 3.0, 1: 2.0, 2: 1.0}, "val/ce": {2: 1.5}}
+    assert seed_band([curve["train/loss"] for curve in curves]) == ([0, 1], [4.0, 3.0], [3.0, 2.0], [5.0, 4.0])
+    assert read_curves(tmp_path / "no-such-run") == {}

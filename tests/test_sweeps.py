@@ -126,8 +126,11 @@ def test_compare_and_plot_scripts_read_the_sweep(demo_sweep, monkeypatch, capsys
     table = (sweep_dir / "comparison.md").read_text()
     labels = {json.loads((jobs[f"ok:{m}-seed0"] / "results.json").read_text())["label"] for m in METHODS}
     rows = [line for line in table.splitlines() if line.startswith("| ")]  # the header, then one per row
-    assert rows[1].startswith("| base model (tiny_random)")
-    assert sorted(row.split(" | ")[0][2:] for row in rows[2:]) == sorted(labels)
+    assert rows[1].startswith("| base model (tiny_random)") and rows[2].startswith("| lora ["), "the reference next"
+    methods = [row for row in rows[2:] if not row.startswith("| ↳")]
+    assert sorted(row.split(" | ")[0][2:] for row in methods) == sorted(labels)
+    assert sum(row.startswith("| ↳ − lora [") for row in rows) == len(labels) - 1, "a paired difference per method"
+    assert "[" in rows[2].split(" | ", 1)[1], "cells carry bootstrap intervals from the runs' predictions"
     assert f"{jobs['failed:lora-seed0'].name}` (lora, seed 0) failed: AdapterConfigError" in table
     assert "parameter budget: trainable parameters matched to lora(r=4" in table
     assert (sweep_dir / "comparison.csv").exists() and (sweep_dir / "expert_maps.png").exists()

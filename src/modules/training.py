@@ -63,9 +63,17 @@ from .checkpointing import (
 )
 from .console import Phases, ProgressLine, quiet_libraries, say
 from .errors import TrainingDiverged
-from .evaluation import base_score_key, cached_scores, lm_eval_scores, mean_score
+from .evaluation import (
+    base_score_key,
+    cached_scores,
+    lm_eval_scores,
+    mean_score,
+    metric_label,
+    write_predictions,
+)
 from .launch import check_process_launch, decoder_layer_classes, process_rank
 from .loggers import drop_rows_from
+from .memory import PeakMemory
 from .random_state import preserved_rng
 from .validation import user_input, validate
 
@@ -222,26 +230,29 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
 
         # 3. Base-model scores, with the adapter switched off (cached across runs).
         eval_tasks = datamodule.lm_eval_tasks() if cfg.eval.enabled else []
-        base_scores, base_cached = {}, False
+        base_scores, base_predictions, base_cached = {}, {}, False
         if eval_tasks and cfg.eval.base and trainer.is_global_zero:
             phases.begin(f"scoring the base model (lm-eval, {len(eval_tasks)} tasks)")
             tick = time.perf_counter()
             key = base_score_key(base.identity, eval_tasks, cfg.eval.limit, cfg.eval.num_fewshot,
                                  max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size)
             with disable_adapters(base.model):
-                base_scores, base_cached = cached_scores(Path(cfg.paths.cache_dir) / "base_scores", key,
-                                                         lambda: scoring.scores(base.model, base.tokenizer, eval_tasks))
+                base_scores, base_predictions, base_cached = cached_scores(
+                    Path(cfg.paths.cache_dir) / "base_scores", key,
+                    lambda: scoring.scores(base.model, base.tokenizer, eval_tasks))
             timings["base_eval_s"] = time.perf_counter() - tick
 
         # 4. Fit (from the checkpoint when resuming), then one pass over the held-out examples.
         tick = time.perf_counter()
         phases.begin(f"training: {cfg.trainer.max_steps} steps" if cfg.trainer.max_steps > 0 else "training")
+        memory = PeakMemory(trainer.strategy.root_device)
         if checkpoint is not None:
             say(f"resuming from {checkpoint}")
         # weights_only=False: the checkpoint holds RNG states (NumPy arrays); it is this run folder's own file
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None,
                     weights_only=False)
         timings["train_s"] = time.perf_counter() - tick
+        peak_memory = memory.report()
         checkpointer = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
         timings.update(checkpoint_s=checkpointer.seconds, checkpoints=checkpointer.saves)
         phases.begin("held-out pass (validation loss, routing statistics)")
@@ -256,7 +267,7 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
                         "train": module.routing["train"].state_dict(),
                         "heldout": module.routing["heldout"].state_dict()}, out_dir / "routing.pt")
             # 6. Score the trained model: merged into the base weights when the method allows it.
-            scores, scored_as = {}, "none"
+            scores, predictions, scored_as = {}, {}, "none"
             if eval_tasks:
                 tick = time.perf_counter()
                 model = base.model
@@ -264,13 +275,16 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
                 if adapter.mergeable and cfg.eval.merge:
                     model, scored_as = merge_and_unload(base.model, safe_merge=True), "merged"
                 phases.begin(f"scoring the trained model ({scored_as}, lm-eval, {len(eval_tasks)} tasks)")
-                scores = scoring.scores(model, base.tokenizer, eval_tasks)
+                scores, predictions = scoring.scores(model, base.tokenizer, eval_tasks)
                 timings["eval_s"] = time.perf_counter() - tick
+            write_predictions(out_dir, {"base": base_predictions, "tuned": predictions})
         timings["total_s"] = time.perf_counter() - started
 
+        headline = {spec.name: spec.headline(cfg.eval.metric) for spec in datamodule.specs}
         results = _results(cfg, adapter, base, parameters, split_report, base_scores, base_cached, scores,
-                           scored_as, validation, module, timings, budget_report)
+                           scored_as, validation, module, timings, budget_report, headline)
         results["scoring"] = scoring.report()
+        results["memory"] = peak_memory
         results["resumed_from"] = str(checkpoint) if checkpoint else None
         _write_results(out_dir, results)
         for logger in loggers:
@@ -328,7 +342,8 @@ class Scoring:
         self.cfg = cfg
         self.dtype: str | None = None
 
-    def scores(self, model, tokenizer, tasks: list[dict]) -> dict[str, dict[str, float]]:
+    def scores(self, model, tokenizer, tasks: list[dict]) -> tuple[dict[str, dict[str, float]], dict[str, list]]:
+        """Scores and per-example predictions (``lm_eval_scores`` with ``log_samples``)."""
         model.to(self.device)
         self.dtype = str(next(model.parameters()).dtype)
         autocast = self.AUTOCAST.get(self.precision)
@@ -336,7 +351,7 @@ class Scoring:
         with preserved_rng(), torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
             return lm_eval_scores(model, tokenizer, tasks, limit=evaluation.limit, batch_size=evaluation.batch_size,
                                   num_fewshot=evaluation.num_fewshot, bootstrap_iters=evaluation.bootstrap_iters,
-                                  max_length=evaluation.max_length, device=self.device)
+                                  max_length=evaluation.max_length, device=self.device, log_samples=True)
 
     def report(self) -> dict[str, Any]:
         return {"device": str(self.device), "precision": self.precision, "parameter_dtype": self.dtype}
@@ -401,8 +416,9 @@ def _versions() -> dict[str, str | None]:
 
 
 def _results(cfg, adapter, base, parameters, split_report, base_scores, base_cached, scores, scored_as, validation,
-             module, timings, budget) -> dict[str, Any]:
-    metric = cfg.eval.metric
+             module, timings, budget, headline) -> dict[str, Any]:
+    """``metric`` is ``eval.metric`` as configured (``auto``: each task's convention); ``metrics`` the headline
+    metric each task was given, which ``mean`` and ``base_mean`` average."""
     throughput = module.throughput
     return {
         "status": "ok",
@@ -418,12 +434,13 @@ def _results(cfg, adapter, base, parameters, split_report, base_scores, base_cac
         "parameters": {**parameters, "trainable_share": parameters["trainable"] / parameters["base"]},
         "budget": budget,
         "data": {"tasks": split_report},
-        "metric": metric,
+        "metric": cfg.eval.metric,
+        "metrics": headline,
         "scores": scores,
-        "mean": mean_score(scores, metric),
+        "mean": mean_score(scores, headline),
         "scored_as": scored_as,
         "base_scores": base_scores,
-        "base_mean": mean_score(base_scores, metric),
+        "base_mean": mean_score(base_scores, headline),
         "base_scores_cached": base_cached,
         "validation": validation[0] if validation else {},
         "routing": {"train": module.routing["train"].summary(per_layer=True),
@@ -445,19 +462,20 @@ def _flat_scores(results: dict[str, Any]) -> dict[str, float]:
             flat.update({f"{prefix}/{task}/{name}": value for name, value in metrics.items()})
     for key in ("mean", "base_mean"):
         if results[key] is not None:
-            flat[f"eval/{key}_{results['metric']}"] = results[key]
+            flat[f"eval/{key}_{metric_label(results['metrics'])}"] = results[key]
     return flat
 
 
 def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
-    metric = results["metric"]
     lines = [f"{results['label']} · {results['parameters']['trainable']:,} trainable parameters · "
              f"{results['timings']['tokens_per_s']:.0f} train tokens/s"]
     for task in results["scores"] or results["base_scores"]:
+        metric = results["metrics"][task]
         base = results["base_scores"].get(task, {}).get(metric)
         tuned = results["scores"].get(task, {}).get(metric)
         lines.append(f"    {task:<20} base {metric} {_fmt(base)}   tuned ({results['scored_as']}) {_fmt(tuned)}")
-    lines.append(f"    {'mean':<20} base {metric} {_fmt(results['base_mean'])}   tuned {_fmt(results['mean'])}")
+    lines.append(f"    {'mean':<20} base {metric_label(results['metrics']):<4} {_fmt(results['base_mean'])}   "
+                 f"tuned {_fmt(results['mean'])}")
     lines.append(f"results: {out_dir / RESULTS_FILE}")
     say("\n".join(lines))
 

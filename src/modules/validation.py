@@ -203,9 +203,11 @@ def task_metrics() -> set[str]:
 
 
 def _check_metric(evaluation: dict) -> None:
+    """``auto`` (each task's own headline metric, ``TaskSpec.metric``) or one metric the templates report."""
     metric = evaluation.get("metric")
-    if metric is not None and metric not in task_metrics():
-        raise ConfigError(f"eval.metric ({metric!r}) must be a metric the tasks report: {sorted(task_metrics())}")
+    if metric is not None and metric != "auto" and metric not in task_metrics():
+        raise ConfigError(f"eval.metric ({metric!r}) must be auto (each task's own) or a metric the tasks report: "
+                          f"{sorted(task_metrics())}")
 
 
 def _check_model(model: dict) -> None:
