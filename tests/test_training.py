@@ -16,6 +16,7 @@ from moelab.adapters import AdapterConfigError, merge_and_unload, register
 from moelab.adapters.base import _REGISTRY
 from moelab.adapters.lora import Lora, LoraConfig, LoraLinear
 from moelab.adapters.routing import RoutingStatistics
+from moelab.modules.errors import TrainingDiverged
 from moelab.modules.evaluation import lm_eval_scores, read_predictions
 from moelab.modules.runs import heldout_tasks, load_trained
 from moelab.modules.training import run
@@ -159,18 +160,22 @@ def test_aux_losses_enter_the_training_loss(aux_probe, tmp_path):
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(aux_probe, tmp_path):
     # 4 probe layers: call 9 is the first layer of the third training step (step index 2)
-    with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 2"):
+    with pytest.raises(TrainingDiverged, match="non-finite training loss .* at step 2"):
         run(probe_config(tmp_path, "trainer.max_steps=5", "+adapter.nan_at_call=9"))
-    assert "FloatingPointError" in (tmp_path / "error.txt").read_text()
+    assert "TrainingDiverged" in (tmp_path / "error.txt").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "diverged"
 
 
 # -- methods trained in stages ------------------------------------------------------------------------
 
 
-def test_stage_lengths_that_do_not_fit_fail_before_the_model_loads(tmp_path):
-    cfg = compose_config("model=smollm2_135m", f"model.pretrained={tmp_path / 'no-such-model'}", "model.asset=null",
-                         "data=tiny", "adapter=mole", "adapter.experts.stage1_steps=5", "trainer.max_steps=5",
-                         "logger=csv", "callbacks=none", f"paths.output_dir={tmp_path / 'run'}")
+def test_stage_lengths_that_do_not_fit_fail_before_the_model_loads(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the stage lengths were checked")
+
+    monkeypatch.setattr("moelab.modules.models.build_tiny_random", refuse)
+    cfg = compose_config("model=tiny_random", "data=tiny", "adapter=mole", "adapter.experts.stage1_steps=5",
+                         "trainer.max_steps=5", "logger=csv", "callbacks=none", f"paths.output_dir={tmp_path / 'run'}")
     with pytest.raises(AdapterConfigError, match=r"experts.stage1_steps \(5\) leaves no step"):
         run(cfg)
 
