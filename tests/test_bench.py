@@ -1,24 +1,79 @@
 """The benchmark script's measurements are well-formed (timings themselves are never asserted)."""
 
+import pytest
 import torch
 from conftest import CONF
 
 from moelab.adapters import registered_adapters
-from moelab.modules.bench import latency_benchmark, train_step_benchmark
+from moelab.modules.bench import (
+    REDUCED_VOCAB,
+    REFERENCE,
+    ModelShape,
+    TrainBench,
+    VariantSpec,
+    latency_benchmark,
+    markdown_table,
+    paired_ratios,
+    probe_in_subprocess,
+    train_step_benchmark,
+)
 
 CPU = torch.device("cpu")
 
 
-def test_train_step_benchmark_reports_every_method_against_lora():
+@pytest.fixture(scope="module")
+def tiny_result():
     methods = sorted(m for m in registered_adapters() if m != "lora")
-    result = train_step_benchmark(CONF, "tiny", methods, batch_size=2, seq_len=8, rounds=1, warmup=0,
-                                  device=CPU, dtype=torch.float32)
-    rows = {row["variant"]: row for row in result["rows"]}
-    assert {"base", "lora_r16_all"} <= set(rows)
-    assert {name.split(":")[0] for name in rows} == {"base", "lora_r16_all", *methods}
-    assert rows["lora_r16_all"]["ratio_to_lora_r16_all"] == 1.0
-    assert rows["lora_r16_all"]["parameters"]["trainable"] == 2 * (4 * 16 * 128 + 3 * 16 * (64 + 128))
-    assert all(row["median_s"] > 0 and row["steps_timed"] == 1 for row in rows.values())
+    bench = TrainBench(ModelShape("tiny"), batch_size=2, seq_len=8, rounds=2, warmup=0, memory=False)
+    return methods, train_step_benchmark(CONF, bench, methods, CPU, torch.float32)
+
+
+def test_train_step_benchmark_reports_every_method_against_lora(tiny_result):
+    methods, result = tiny_result
+    variants = result["variants"]
+    assert {"base", REFERENCE, "lora_r16_dropout0", "lora_r16_per_input", "lora_r128", "peft_lora_r16"} <= set(variants)
+    assert {name.split(":")[0].split("[")[0] for name in variants} >= {*methods, "mor_per_linear"}
+    reference = variants[REFERENCE]
+    assert reference["ratio"] == 1.0 and reference["range"] == [1.0, 1.0] and reference["flop_floor"] == 1.0
+    assert reference["parameters"] == 2 * (4 * 16 * 128 + 3 * 16 * (64 + 128))
+    assert variants["peft_lora_r16"]["parameters"] == reference["parameters"]
+    for values in variants.values():
+        assert values["range"][0] <= values["ratio"] <= values["range"][1] and values["tokens_per_s"] > 0
+
+
+def test_fast_paths_are_checked_and_floors_counted_on_the_grouped_path(tiny_result):
+    _, result = tiny_result
+    variants = result["variants"]
+    for name in ("mixlora", "mor_per_linear", "lora_mixer:hard"):
+        grouped, dense = variants[name], variants[f"{name}[dense]"]
+        assert grouped["check"] and grouped["check_max_relative_error"] < 1e-5
+        assert grouped["flop_floor"] == dense["flop_floor"] == grouped["flops_ratio"]
+        assert dense["flops_ratio"] > grouped["flops_ratio"], "the dense path computes every expert"
+    assert variants["lora_r128"]["flop_floor"] > variants["lora_r16_dropout0"]["flop_floor"] == 1.0
+
+
+def test_markdown_table_lists_every_variant(tiny_result):
+    _, result = tiny_result
+    table = markdown_table(result)
+    assert all(f"| {name} |" in table for name in result["variants"])
+
+
+def test_paired_ratios_pair_each_round_with_the_reference():
+    figures = paired_ratios([4.0, 3.0, 8.0], [1.0, 2.0, 2.0])  # per round: 4, 1.5, 4
+    assert figures == {"ratio": 4.0, "range": [1.5, 4.0], "ratio_of_minimums": 3.0}
+
+
+def test_cut_shapes_reduce_the_vocabulary_and_check_the_layer_count():
+    assert ModelShape("llama3_2_3b", layers=2).config_values()["vocab_size"] == REDUCED_VOCAB
+    assert ModelShape("smollm2_135m").config_values()["vocab_size"] == 49152
+    with pytest.raises(ValueError, match="--layers"):
+        ModelShape("tiny", layers=3).config_values()
+
+
+def test_memory_probe_measures_a_train_step_in_a_subprocess():
+    probe = probe_in_subprocess(VariantSpec(REFERENCE, "adapter", "lora", {"target_modules": ["q_proj"], "r": 4}),
+                                ModelShape("tiny"), batch_size=2, seq_len=8, threads=1)
+    assert probe.get("step_peak_bytes", 0) > 0, probe
 
 
 def test_latency_benchmark_compares_with_the_base_model():

@@ -413,3 +413,30 @@ def test_inference_mode_computes_without_a_version_counter():
         expected = built.base_layer(x) + x @ reference_delta(built).T
         torch.testing.assert_close(built(x), expected, rtol=1e-5, atol=1e-5)
         assert built._inference_cache is None
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("loss_activation", ["scaled", "unscaled"])
+def test_fused_forward_equals_the_step_by_step_equation(loss_activation, dtype, tolerance):
+    # the equation computed as written (§6.1): divide B_j by d_j + ε, multiply by v, scale every expert's
+    # output, sum with the base; outputs (relative to their largest entry) and gradients agree with the fused
+    # forward, whose rounding differs only in the order of the products
+    module = layer(dtype=dtype, loss_activation=loss_activation)
+    module.train()
+    with torch.no_grad():
+        module.magnitude.normal_()
+    x = torch.randn(2, 5, 12, dtype=dtype, requires_grad=True)
+    params = [x, *(p for p in module.parameters() if p.requires_grad)]
+    out = module(x)
+    fused = (out, *module.losses.values())
+    experts, shared = module.experts, module.num_shared
+    h = experts.down(x)
+    directions = experts.lora_B[shared:] / (module.row_norms() + module.config.eps)[..., None]
+    b = torch.cat([experts.lora_B[:shared], module.magnitude[:, None] * directions])
+    expected = module.base_layer(x) + torch.einsum("...er,eor->...o", h * experts.scaling[:, None], b)
+    assert (out - expected).abs().max() <= tolerance * expected.abs().max()
+    loss = sum(t.square().sum() for t in fused)
+    module(x)
+    reference_loss = expected.square().sum() + sum(t.square().sum() for t in module.losses.values())
+    for a, c in zip(torch.autograd.grad(loss, params), torch.autograd.grad(reference_loss, params), strict=True):
+        assert (a - c).abs().max() <= 10 * tolerance * c.abs().max()

@@ -9,7 +9,7 @@ from conftest import tiny_model
 from torch import nn
 
 from moelab.adapters import AdapterConfigError, adapter_layers, count_parameters, inject
-from moelab.adapters.experts import LoraExperts
+from moelab.adapters.experts import LoraExperts, SharedDropout
 from moelab.adapters.lora import LoraConfig, LoraLinear
 
 
@@ -154,3 +154,64 @@ def test_layers_to_transform_selects_decoder_layers():
         inject(tiny_model()[0], LoraConfig(layers_to_transform=[5]))
     with pytest.raises(AdapterConfigError, match="layers_to_transform"):
         LoraConfig(layers_to_transform=[-1])
+
+
+@pytest.mark.parametrize("tokens,num_experts,top_k", [(1, 4, 2), (5, 4, 1), (7, 3, 3), (33, 8, 2)])
+def test_grouped_experts_equal_the_dense_path(tokens, num_experts, top_k):
+    torch.manual_seed(0)
+    experts = LoraExperts(num_experts, 12, 10, rank=3, alpha=6, init="random")
+    probs = torch.softmax(torch.randn(tokens, num_experts), -1).requires_grad_(True)
+    slot_weights, selected = probs.topk(top_k, dim=-1)
+    dense_weights = torch.zeros_like(probs).scatter(-1, selected, slot_weights)
+    x = torch.randn(tokens, 12, requires_grad=True)
+    params = [x, probs, experts.lora_A, experts.lora_B]
+    grouped = experts.routed(x, selected, slot_weights)
+    grads_grouped = torch.autograd.grad(grouped.square().sum(), params, retain_graph=True)
+    dense = experts(x, dense_weights)
+    grads_dense = torch.autograd.grad(dense.square().sum(), params)
+    torch.testing.assert_close(grouped, dense, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_grouped, grads_dense, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    unused = set(range(num_experts)) - set(selected.flatten().tolist())
+    assert all(torch.count_nonzero(grads_grouped[3][e]) == 0 for e in unused)
+
+
+def test_grouped_matmul_follows_autocast():
+    torch.manual_seed(0)
+    experts = LoraExperts(4, 16, 8, rank=4, alpha=8, init="random")
+    x = torch.randn(6, 16)
+    selected = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0], [3, 2]])
+    weights = torch.full((6, 2), 0.5)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = experts.routed(x, selected, weights)
+    assert out.dtype == torch.bfloat16
+    reference = experts(x, torch.zeros(6, 4).scatter(-1, selected, weights))
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("sharing", ["per_module", "per_input"])
+def test_dropout_masks_are_shared_per_input_only_when_asked(sharing):
+    model, _ = tiny_model()
+    inject(model, LoraConfig(target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.5,
+                             lora_dropout_sharing=sharing))
+    attention = model.model.layers[0].self_attn
+    seen = {}
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(attention, name).lora.dropout.register_forward_hook(
+            lambda module, args, out, name=name: seen.setdefault(name, out))
+    model.train()
+    model(input_ids=torch.randint(0, 200, (2, 9)))
+    same = [torch.equal(seen["q_proj"], seen[name]) for name in ("k_proj", "v_proj")]
+    assert all(same) if sharing == "per_input" else not any(same)
+
+
+def test_shared_dropout_redraws_after_an_in_place_change_and_is_off_in_eval():
+    dropout = SharedDropout(0.5)
+    x = torch.ones(64, 64)
+    first = dropout(x)
+    assert dropout(x) is first
+    x.mul_(1.0)  # same object, new version
+    assert dropout(x) is not first
+    assert dropout.eval()(x) is x
+    with pytest.raises(AdapterConfigError, match="lora_dropout_sharing"):
+        LoraConfig(lora_dropout_sharing="per_layer")

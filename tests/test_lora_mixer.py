@@ -226,3 +226,25 @@ def test_preservation_anchors_survive_a_checkpoint_round_trip():
 def test_bad_values_name_the_field(fields, message):
     with pytest.raises(AdapterConfigError, match=message):
         LoraMixerConfig(experts={"tasks": TASKS}, **fields)
+
+
+@pytest.mark.parametrize("stage,train", [(HARD, True), (SOFT, False)])
+def test_grouped_experts_equal_the_dense_reference(stage, train):
+    # where the weights are top-k (one-hot by task in stage hard, top-K at inference) the grouped path
+    # computes only the selected experts; outputs and the gradients of what trains (experts in stage hard,
+    # routers in stage soft) equal the dense mix
+    batch = token_batch(batch=6, seq=5)
+    results = []
+    for compute in ("dense", "grouped"):
+        torch.manual_seed(0)
+        model, adapter = mixer(stage=stage, top_k=2, expert_compute=compute)
+        model.train(train)
+        adapter.set_context(model, batch["task_ids"], batch["attention_mask"].bool())
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        trained = [p for p in adapter.trainable_parameters(model) if p.requires_grad]
+        results.append((logits, torch.autograd.grad(logits.square().mean(), trained, allow_unused=True)))
+    (dense, dense_grads), (grouped, grouped_grads) = results
+    torch.testing.assert_close(grouped, dense, rtol=1e-5, atol=1e-5)
+    assert any(g is not None and torch.count_nonzero(g) for g in grouped_grads)
+    for a, b in zip(grouped_grads, dense_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

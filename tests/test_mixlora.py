@@ -67,14 +67,15 @@ def logits(model, batch):
 # ------------------------------------------------------------------------------------- fast path == loop
 
 
+@pytest.mark.parametrize("expert_compute", ["dense", "grouped"])
 @pytest.mark.parametrize("tokens,num_experts,top_k", [
     (1, 4, 2),    # a single token
     (3, 4, 1),    # at most 3 of 4 experts used: one receives no token
     (9, 3, 3),    # k = E: dense mixing
     (16, 8, 2),   # the default shape
 ])
-def test_fast_path_equals_per_expert_loop(tokens, num_experts, top_k):
-    model, _ = mixlora_model(num_experts=num_experts, top_k=top_k)
+def test_fast_path_equals_per_expert_loop(tokens, num_experts, top_k, expert_compute):
+    model, _ = mixlora_model(num_experts=num_experts, top_k=top_k, expert_compute=expert_compute)
     randomize(model)
     layer = model.model.layers[1].mlp
     assert isinstance(layer, MixLoraFFN)
@@ -93,6 +94,30 @@ def test_fast_path_equals_per_expert_loop(tokens, num_experts, top_k):
         assert all(torch.count_nonzero(grad[expert]) == 0 for grad in grads_fast[2:])
     if tokens == 3:
         assert unused, "the case must contain an expert that receives no token"
+
+
+def test_grouped_experts_equal_the_dense_reference_in_training():
+    # the whole model in training mode (dropout off, so both paths see the same inputs): the loss, and the
+    # gradient of every trainable tensor, router included, agree between grouped and dense expert compute
+    batch = token_batch(batch=3, seq=7)
+    losses, grads = [], []
+    for compute in ("dense", "grouped"):
+        model, adapter = mixlora_model(expert_compute=compute, lora_dropout=0.0, num_experts=6, top_k=2)
+        randomize(model)
+        model.train()
+        loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        params = adapter.trainable_parameters(model)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, params))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+    assert len(grads[0]) > 8 and any(torch.count_nonzero(g) for g in grads[1])
+    for dense, grouped in zip(*grads, strict=True):
+        torch.testing.assert_close(grouped, dense, rtol=1e-5, atol=1e-7)
+
+
+def test_expert_compute_is_validated():
+    with pytest.raises(AdapterConfigError, match="expert_compute"):
+        MixLoraConfig(expert_compute="sparse")
 
 
 def test_routing_is_recorded_and_weights_renormalised():

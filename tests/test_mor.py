@@ -338,3 +338,30 @@ def test_training_run_with_mor(tmp_path, overrides):
     host = overrides[0].split("=")[1] if overrides else "mixlora"
     assert saved["status"] == "ok" and saved["label"] == f"mor/{host} [reconstruction]"
     assert results["routing"]["train"]["routing/entropy"] > 0 and results["routing"]["heldout"]
+
+
+def test_per_linear_grouped_experts_equal_the_dense_reference():
+    # training mode (dropout off): outputs and the gradients of input, routers and experts agree
+    results = []
+    for compute in ("dense", "grouped"):
+        torch.manual_seed(0)
+        model, adapter = host_model("per_linear", {**HOST_CONFIGS["per_linear"], "lora_dropout": 0.0,
+                                                   "expert_compute": compute})
+        randomize(model)
+        layer = model.model.layers[0].mlp.down_proj.train()
+        inputs = torch.randn(2, 9, 128, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        out = layer(inputs)
+        params = [inputs, *layer.router.parameters(), *layer.experts.parameters()]
+        results.append((out, torch.autograd.grad(out.square().sum(), params)))
+    (dense, dense_grads), (grouped, grouped_grads) = results
+    torch.testing.assert_close(grouped, dense, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grouped_grads, dense_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mor_passes_its_compute_flags_to_the_host():
+    config = MorConfig(host="per_linear", expert_compute="dense", lora_dropout_sharing="per_input")
+    assert config.host_adapter_config().expert_compute == "dense"
+    assert config.host_adapter_config().lora_dropout_sharing == "per_input"
+    with pytest.raises(AdapterConfigError, match="expert_compute: set it here or in host_config"):
+        MorConfig(expert_compute="dense", host_config={"expert_compute": "grouped"})

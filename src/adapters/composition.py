@@ -52,7 +52,17 @@ from .base import (
     decoder_layer,
     require,
 )
-from .experts import LoraExperts, TrainedLora, adapter_dtype, lora_folder, read_trained_lora, stack_trained_loras
+from .experts import (
+    DEFAULT_EXPERT_COMPUTE,
+    LoraExperts,
+    TrainedLora,
+    adapter_dtype,
+    check_dropout_sharing,
+    check_expert_compute,
+    lora_folder,
+    read_trained_lora,
+    stack_trained_loras,
+)
 from .routing import Routing
 
 EXPERT_SOURCES = ("train", "load")
@@ -129,9 +139,14 @@ class ComposedConfig(AdapterConfig):
 
     target_modules: list[str] | str = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    # "grouped": where the weights are top-k (stage hard, sparse sites) only the selected experts' B is computed
+    expert_compute: str = DEFAULT_EXPERT_COMPUTE
+    lora_dropout_sharing: str = "per_module"  # "per_input": q/k/v draw one dropout mask (experts.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_expert_compute(self.expert_compute)
+        check_dropout_sharing(self.lora_dropout_sharing)
         if isinstance(self.experts, dict):
             known = {f.name for f in fields(ExpertsConfig)}
             unknown = sorted(set(self.experts) - known)
@@ -176,17 +191,21 @@ class ComposedLinear(AdapterLayer):
     """``base_layer(x) + Σ_e w_e s_e B_e A_e dropout(x)``: E LoRA experts of one projection, mixed per token.
 
     ``site`` is the routing site's module on a leader (None elsewhere): called as
-    ``site(x, h, experts, context) -> (weights [..., E], Routing)`` with ``h = experts.down(x)``.
+    ``site(x, h, experts, context) -> (weights [..., E], Routing)`` with ``h = experts.down(x)``. A site whose
+    ``sparse`` is true returns weights that are zero outside ``Routing.selected``; there, and in stage
+    ``hard`` (one expert per token), ``expert_compute: grouped`` computes only the selected experts' B.
     """
 
     def __init__(self, base_layer: nn.Linear, experts: LoraExperts, site: nn.Module | None,
-                 leader: ComposedLinear | None) -> None:
+                 leader: ComposedLinear | None, expert_compute: str = "dense") -> None:
         super().__init__(base_layer)
         self.experts = experts
         self.site = site
         self._leader = (leader,) if leader is not None else ()  # a tuple: not a registered submodule
         self.stage = SOFT
+        self.expert_compute = expert_compute
         self.shared_weights: Tensor | None = None
+        self.shared_support: Tensor | None = None  # [T, k] experts outside which the shared weights are zero
 
     @property
     def is_leader(self) -> bool:
@@ -194,28 +213,37 @@ class ComposedLinear(AdapterLayer):
 
     def adapted_forward(self, x: Tensor) -> Tensor:
         h = self.experts.down(x)
-        weights = self._mixing_weights(x, h)
+        weights, support = self._mixing_weights(x, h)
         result = self.base_layer(x)
+        if support is not None and self.expert_compute == "grouped":
+            flat = weights.reshape(-1, weights.shape[-1])
+            delta = self.experts.routed(x.reshape(-1, x.shape[-1]), support, flat.gather(-1, support),
+                                        h.reshape(-1, *h.shape[-2:])).reshape(*x.shape[:-1], -1)
+        else:
+            delta = self.experts.up(h * weights.unsqueeze(-1).to(h.dtype))
         # the fp32 update is added before one cast, as PEFT's LoRA does under a bf16 base
-        return (result + self.experts.up(h * weights.unsqueeze(-1).to(h.dtype))).to(result.dtype)
+        return (result + delta).to(result.dtype)
 
-    def _mixing_weights(self, x: Tensor, h: Tensor) -> Tensor:
+    def _mixing_weights(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The weights ``[..., E]`` and, when they are zero outside a few experts per token, those [T, k]."""
         num_experts = self.experts.num_experts
         if self.training and self.stage == HARD:
             weights = task_weights(self.context, x, num_experts)
             flat = weights.reshape(-1, num_experts)
-            self.routing = Routing(flat.float(), flat.argmax(-1, keepdim=True)) if self.is_leader else None
-            return weights
+            selected = flat.argmax(-1, keepdim=True)
+            self.routing = Routing(flat.float(), selected) if self.is_leader else None
+            return weights, selected
         if not self.is_leader:
-            weights = self._leader[0].shared_weights
-            if weights is None or weights.shape[:-1] != x.shape[:-1]:
+            leader = self._leader[0]
+            if leader.shared_weights is None or leader.shared_weights.shape[:-1] != x.shape[:-1]:
                 raise RuntimeError("a shared routing site's leader (its first projection in module order) must run "
                                    "before the site's other projections in every forward")
             self.routing = None
-            return weights
+            return leader.shared_weights, leader.shared_support
         weights, self.routing = self.site(x, h, self.experts, self.context)
         self.shared_weights = weights
-        return weights
+        self.shared_support = self.routing.selected if self.site.sparse else None
+        return weights, self.shared_support
 
     def extra_repr(self) -> str:
         return f"leader={self.is_leader}, stage={self.stage!r}"
@@ -264,7 +292,7 @@ class ComposedAdapter(Adapter, ABC):
             experts = self._experts(name, linear, loras)
             leader = leaders.get(self.site_of(name))
             site = None if leader else self.make_site(linear, experts).to(linear.weight.device)
-            layer = ComposedLinear(linear, experts, site, leader)
+            layer = ComposedLinear(linear, experts, site, leader, self.config.expert_compute)
             leaders.setdefault(self.site_of(name), layer)
             model.set_submodule(name, layer)
         self.enter_stage(model, self.stages[0])
@@ -286,10 +314,12 @@ class ComposedAdapter(Adapter, ABC):
 
     def _experts(self, name: str, linear: nn.Linear, loras: list[TrainedLora] | None) -> LoraExperts:
         cfg = self.config.experts
+        sharing = self.config.lora_dropout_sharing
         if loras is not None:
-            return stack_trained_loras(loras, name, linear, cfg.lora_dropout)
+            return stack_trained_loras(loras, name, linear, cfg.lora_dropout, sharing)
         return LoraExperts(cfg.count, linear.in_features, linear.out_features, cfg.r, cfg.lora_alpha, cfg.lora_dropout,
-                           cfg.use_rslora, dtype=adapter_dtype(linear.weight.dtype), device=linear.weight.device)
+                           cfg.use_rslora, dtype=adapter_dtype(linear.weight.dtype), device=linear.weight.device,
+                           dropout_sharing=sharing)
 
     # -- stages ---------------------------------------------------------------------------------------
 

@@ -20,6 +20,22 @@ copies of the input); in eval mode, where parity is tested, there is no differen
 Experts of different ranks (loaded LoRAs keep their own r and α) are stacked by zero-padding A and B to
 the largest rank: the padded rows and columns contribute exactly nothing.
 
+**Grouped top-k** (``expert_compute: grouped``). When every token uses only k of the E experts, the dense
+path above still multiplies by every expert's B. The grouped path computes only the selected slots: the
+k·T routing slots are sorted by expert (:func:`slot_order`), each slot picks its expert's r columns of the
+down projection (``A`` stays one GEMM over all experts: at LoRA ranks it is the cheap factor), and one GEMM
+per expert maps its contiguous run of slots through its B (:func:`grouped_matmul`, a loop of ``torch.mm``
+into one output with its own backward, so that no per-expert outputs are concatenated). Moving rows into
+and out of the sorted order are gathers whose backward is again a gather (:func:`permute_rows`). The slot
+counts are read on the host once per call (the loop needs them): a synchronisation that costs nothing on a
+CPU and one small copy on a GPU. :meth:`LoraExperts.forward` (dense, masked) is the reference the tests
+compare the grouped path with, outputs and gradients.
+
+**Shared dropout masks** (``lora_dropout_sharing``). ``per_module`` (PEFT's behaviour): every LoRA module
+draws its own mask. ``per_input``: modules that read the same tensor in one forward (q/k/v of an attention
+block, gate/up of an FFN) draw one mask between them (:class:`SharedDropout`), which saves the mask
+draws and the masked copies of the input; all experts of one stack share a mask in both modes.
+
 The last section reads trained LoRAs (moelab runs and HF PEFT folders) into such stacks, frozen, for the
 methods that compose existing LoRAs (MoLE, LoRA-Mixer).
 """
@@ -29,6 +45,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,12 +67,185 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+EXPERT_COMPUTES = ("dense", "grouped")
+DROPOUT_SHARINGS = ("per_module", "per_input")
+# Which the benchmark measured faster at real shapes (README "Speed"); the dense path stays the reference.
+DEFAULT_EXPERT_COMPUTE = "grouped"
+
+
+def check_expert_compute(value: str) -> None:
+    require(value in EXPERT_COMPUTES, f"expert_compute ({value!r}) must be one of {EXPERT_COMPUTES}")
+
+
+def check_dropout_sharing(value: str) -> None:
+    require(value in DROPOUT_SHARINGS, f"lora_dropout_sharing ({value!r}) must be one of {DROPOUT_SHARINGS}")
+
+
+# ---------------------------------------------------------------------------------------------- shared dropout
+
+
+class _DropoutMemo:
+    """The last (input, p) → dropped tensor of the process. The input is held weakly, so a stale entry never
+    keeps an activation alive, and its version counter must match, so an in-place change invalidates it."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.output: Tensor | None = None
+
+    def lookup(self, x: Tensor, p: float) -> Tensor | None:
+        if self.key is None:
+            return None
+        ref, version, prob = self.key
+        return self.output if ref() is x and version == x._version and prob == p else None
+
+    def store(self, x: Tensor, p: float, output: Tensor) -> None:
+        self.key, self.output = (weakref.ref(x), x._version, p), output
+
+
+_SHARED_DROPOUT = _DropoutMemo()
+
+
+class SharedDropout(nn.Dropout):
+    """``nn.Dropout`` whose mask is shared by every ``SharedDropout`` of the same ``p`` that receives the same
+    tensor object next (``lora_dropout_sharing: per_input``): q, k and v of one attention block see one
+    ``dropout(x)``. Calling a module twice on the very same tensor in training reuses the mask too."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        cached = _SHARED_DROPOUT.lookup(x, self.p)
+        if cached is None:
+            cached = super().forward(x)
+            _SHARED_DROPOUT.store(x, self.p, cached)
+        return cached
+
+    def __getstate__(self) -> dict:
+        return self.__dict__  # nothing of the memo travels with the module
+
+
+def make_dropout(p: float, sharing: str) -> nn.Module:
+    if p <= 0:
+        return nn.Identity()
+    return SharedDropout(p) if sharing == "per_input" else nn.Dropout(p)
+
+
+# ---------------------------------------------------------------------------------------------- grouped top-k
+
+
+@dataclass(frozen=True)
+class SlotOrder:
+    """The ``S = T·k`` routing slots of T tokens (slot ``t·k + j`` is token t's j-th choice) sorted by expert.
+
+    ``order[i]`` is the slot at sorted position i, ``inverse`` its inverse permutation, ``experts[i]`` the
+    expert of sorted position i and ``counts[e]`` (host ints) how many slots expert e received."""
+
+    order: Tensor
+    inverse: Tensor
+    experts: Tensor
+    counts: tuple[int, ...]
+    top_k: int
+
+    @property
+    def tokens(self) -> Tensor:
+        """The token of every sorted position."""
+        return self.order // self.top_k
+
+
+def slot_order(selected: Tensor, num_experts: int) -> SlotOrder:
+    """Sort the slots of ``selected`` [T, k] (expert indices) by expert; stable, so ties keep token order."""
+    flat = selected.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return SlotOrder(order, inverse, flat[order], tuple(counts), selected.shape[-1])
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index``; the backward is the gather by the inverse permutation
+    (not a scatter-add, which the generic indexing backward would run)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+    return _PermuteRows.apply(x, index, inverse)
+
+
+def to_sorted(slots: Tensor, order: SlotOrder) -> Tensor:
+    """Slot rows [T·k, ...] in slot order → sorted by expert."""
+    return permute_rows(slots, order.order, order.inverse)
+
+
+def from_sorted(rows: Tensor, order: SlotOrder) -> Tensor:
+    """Sorted rows [S, d] → per token and slot, [T, k, d]."""
+    return permute_rows(rows, order.inverse, order.order).unflatten(0, (-1, order.top_k))
+
+
+def _segments(counts: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """``(expert, start, end)`` of every expert that received slots."""
+    bounds, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            bounds.append((expert, start, start + count))
+        start += count
+    return bounds
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """``out[s] = x[s] @ weight[e(s)]ᵀ`` for rows sorted by expert: one ``torch.mm`` per expert, written into
+    one preallocated output (and gradient) rather than concatenated."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, counts: tuple[int, ...]) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.counts = counts
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        for expert, start, end in _segments(counts):
+            torch.mm(x[start:end], weight[expert].T, out=out[start:end])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        with torch.autocast(device_type=grad.device.type, enabled=False):  # a backward run inside autocast
+            for expert, start, end in _segments(ctx.counts):
+                if grad_x is not None:
+                    torch.mm(grad[start:end], weight[expert], out=grad_x[start:end])
+                if grad_w is not None:
+                    torch.mm(grad[start:end].T, x[start:end], out=grad_w[expert])
+        return grad_x, grad_w, None
+
+
+def grouped_matmul(x: Tensor, weight: Tensor, order: SlotOrder) -> Tensor:
+    """``x`` [S, a] sorted by expert times each row's ``weight[e]ᵀ`` (``weight``: [E, b, a]) → [S, b].
+
+    Under autocast both run in the autocast dtype, as a plain matmul would; the loop itself runs with autocast
+    off, since ``torch.mm(out=...)`` cannot change dtype."""
+    dtype = weight.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _GroupedMatmul.apply(x.to(dtype).contiguous(), weight.to(dtype), order.counts)
+
+
 class LoraExperts(nn.Module):
     """E stacked LoRA experts for one ``d_in → d_out`` linear map."""
 
     def __init__(self, num_experts: int, d_in: int, d_out: int, rank: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "default", dtype: torch.dtype | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, dropout_sharing: str = "per_module") -> None:
         super().__init__()
         self.num_experts, self.d_in, self.d_out, self.rank = num_experts, d_in, d_out, rank
         factory = {"dtype": dtype, "device": device}
@@ -64,7 +254,7 @@ class LoraExperts(nn.Module):
         # One scale per expert, so loaded LoRAs with their own r and α can share a stack.
         self.register_buffer("scaling", torch.full((num_experts,), lora_scaling(alpha, rank, use_rslora),
                                                    dtype=torch.float32, device=device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = make_dropout(dropout, dropout_sharing)
         self.reset_parameters(init)
 
     def reset_parameters(self, init: str = "default") -> None:
@@ -101,6 +291,33 @@ class LoraExperts(nn.Module):
         if weights is not None:
             h = h * weights.to(h.dtype).unsqueeze(-1)
         return self.up(h)
+
+    # -- the grouped top-k path --------------------------------------------------------------------------
+
+    def slot_down(self, x: Tensor, order: SlotOrder, h: Tensor | None = None) -> Tensor:
+        """Each sorted slot's ``A_e dropout(x_t)`` [S, r], picked from the dense down projection of every
+        expert (``h`` [T, E, r] when the caller has it already)."""
+        h = self.down(x) if h is None else h
+        rows = order.tokens * self.num_experts + order.experts  # unique (token, expert) pairs
+        return h.reshape(-1, self.rank).index_select(0, rows)
+
+    def grouped_down(self, x: Tensor, order: SlotOrder) -> Tensor:
+        """``A_e dropout(x_s)`` for rows ``x`` [S, d_in] already sorted by expert: only the selected A."""
+        return grouped_matmul(self.dropout(x), self.lora_A, order)
+
+    def grouped_up(self, h: Tensor, order: SlotOrder) -> Tensor:
+        """``s_e B_e h_s`` for sorted rows ``h`` [S, r]: only the selected B."""
+        h = h * self.scaling.to(h.dtype).index_select(0, order.experts)[:, None]
+        return grouped_matmul(h, self.lora_B, order)
+
+    def routed(self, x: Tensor, selected: Tensor, slot_weights: Tensor, h: Tensor | None = None) -> Tensor:
+        """``Σ_j w_j s_e B_e A_e x`` over each token's k slots (``selected``, ``slot_weights``: [T, k]) for
+        ``x`` [T, d_in], computing only the selected experts' B; equals :meth:`forward` with the dense weights."""
+        order = slot_order(selected, self.num_experts)
+        weights = slot_weights.reshape(-1).index_select(0, order.order)
+        h = self.slot_down(x, order, h)
+        h = h * weights.to(h.dtype)[:, None]
+        return from_sorted(self.grouped_up(h, order), order).sum(dim=1)
 
     # -- merging and the reference --------------------------------------------------------------------
 
@@ -282,7 +499,8 @@ def _peft_modules(tensors: dict[str, Tensor], meta: dict, folder: Path) -> dict[
     return modules
 
 
-def stack_trained_loras(loras: list[TrainedLora], module: str, linear: nn.Linear, dropout: float = 0.0) -> LoraExperts:
+def stack_trained_loras(loras: list[TrainedLora], module: str, linear: nn.Linear, dropout: float = 0.0,
+                        dropout_sharing: str = "per_module") -> LoraExperts:
     """The frozen expert stack of ``module``: slot i holds LoRA i's update there, zero if it has none.
 
     Ranks are zero-padded to the largest; each slot keeps its LoRA's own scale. A LoRA whose shapes do not
@@ -291,7 +509,8 @@ def stack_trained_loras(loras: list[TrainedLora], module: str, linear: nn.Linear
     require(bool(present), f"no expert LoRA adapts {module!r} (experts.paths: {[str(lora.path) for lora in loras]})")
     rank = max(weights.lora_A.shape[0] for weights in present.values())
     stack = LoraExperts(len(loras), linear.in_features, linear.out_features, rank, alpha=rank, dropout=dropout,
-                        dtype=adapter_dtype(linear.weight.dtype), device=linear.weight.device)
+                        dtype=adapter_dtype(linear.weight.dtype), device=linear.weight.device,
+                        dropout_sharing=dropout_sharing)
     with torch.no_grad():
         stack.lora_A.zero_()
         stack.scaling.zero_()  # absent experts: no update at all

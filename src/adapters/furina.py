@@ -10,9 +10,11 @@ the first ``N_SE`` are *shared* experts (plain LoRA, always on), the other ``N_s
 with one learnable magnitude vector ``v ∈ R^{d_out}`` shared by the layer's self-routing experts. Because
 ``v``, ``d_j`` and ``ε`` depend on weights only, the whole update is one linear map (§6.4):
 ``B̃_j = diag(v ⊘ (d_j + ε)) B_j``, ``B̃_i = s B_i``, and ``ΔW = [B̃_1 … B̃_N] [A_1; …; A_N]``, a rank-N·r LoRA.
-The forward pass uses exactly that form: the normalised ``B̃`` goes through the stacked two-matmul path of
-:class:`~moelab.adapters.experts.LoraExperts` (no loop over experts), and merging adds the same ``ΔW``, so
-merged and unmerged models agree to rounding.
+The forward pass uses exactly that form, and merging adds the same ``ΔW``, so merged and unmerged models
+agree to rounding. Per step it computes ``d_j`` once (for ``B̃`` and the selection loss), one normalisation
+factor ``v ⊘ (d_j + ε)`` [N_sr, d_out], folds it and the shared experts' ``α/r`` into the weight-side
+factor, and adds ``h @ [s B̃_1 … s B̃_N]ᵀ`` to the base output in one ``addmm`` (no loop over experts and no
+activation-sized scaling or sum).
 
 ``d_j`` is computed without forming ``B_j A_j`` (§6.5): with ``G_j = A_j A_jᵀ`` (r × r),
 ``d_j² = rowsum((B_j G_j) ⊙ B_j)``.
@@ -180,20 +182,25 @@ class FurinaLinear(AdapterLayer):
                 norms = (b @ a.sum(-1, keepdim=True)).squeeze(-1)  # W_j · 1 = B_j (A_j 1)
         return norms.detach() if self.config.detach_norm else norms
 
-    def directions(self) -> Tensor:
-        """The left factors of ``Ŵ_j``: ``diag(d_j + ε)⁻¹ B_j`` [N_sr, d_out, r], in at least fp32."""
+    def directions(self, norms: Tensor | None = None) -> Tensor:
+        """The left factors of ``Ŵ_j``: ``diag(d_j + ε)⁻¹ B_j`` [N_sr, d_out, r], in at least fp32. ``norms``:
+        the :meth:`row_norms` of this step when the caller has them already."""
         b = self.experts.lora_B[self.num_shared:]
-        return b.to(adapter_dtype(b.dtype)) / (self.row_norms() + self.config.eps)[..., None]
+        norms = self.row_norms() if norms is None else norms
+        return b.to(adapter_dtype(b.dtype)) / (norms + self.config.eps)[..., None]
 
-    def effective_B(self, directions: Tensor | None = None) -> Tensor:
-        """``[B_1 … B_N]`` with ``B̃_j = diag(v) diag(d_j + ε)⁻¹ B_j`` for the self-routing experts (§6.4);
-        the stack's scale (``α/r`` for shared experts, 1 otherwise) applies on top. ``directions`` are those
-        of :meth:`directions` when the caller has them already."""
+    def effective_B(self, norms: Tensor | None = None) -> Tensor:
+        """``[B_1 … B_N]`` with ``B̃_j = diag(v ⊘ (d_j + ε)) B_j`` for the self-routing experts (§6.4);
+        the stack's scale (``α/r`` for shared experts, 1 otherwise) applies on top. The normalisation is one
+        ``[N_sr, d_out]`` factor ``v ⊘ (d_j + ε)`` applied to B once (not a division and then a product over
+        the whole ``[N_sr, d_out, r]``); ``norms`` as in :meth:`directions`."""
         shared = self.experts.lora_B[:self.num_shared]
         if not self.num_self_routing:
             return shared
-        directions = self.directions() if directions is None else directions
-        routed = self.magnitude.to(adapter_dtype(self.magnitude.dtype))[:, None] * directions
+        dtype = adapter_dtype(self.magnitude.dtype)
+        norms = self.row_norms() if norms is None else norms
+        factor = self.magnitude.to(dtype) / (norms + self.config.eps)  # [N_sr, d_out]
+        routed = self.experts.lora_B[self.num_shared:].to(dtype) * factor[..., None]
         return torch.cat([shared, routed.to(shared.dtype)])
 
     # -- the inference cache -----------------------------------------------------------------------------
@@ -241,30 +248,34 @@ class FurinaLinear(AdapterLayer):
 
     def adapted_forward(self, x: Tensor) -> Tensor:
         h = self.experts.down(x)  # [..., N, r]: every expert's A_j x
-        directions = None
+        norms = None
         if self.training or torch.is_grad_enabled():
-            directions = self.directions() if self.num_self_routing else None
-            b = self.effective_B(directions)
+            norms = self.row_norms() if self.num_self_routing else None  # d_j once per step, for B̃ and the loss
+            b = self.effective_B(norms)
         else:
             b = self.inference_B()
-        result = self.base_layer(x)
-        # the adapter's fp32 output is added before the single cast to the base dtype, as PEFT does
-        out = (result + self.experts.up(h, b)).to(result.dtype)
+        out = self._add_update(self.base_layer(x), h, b)
         self.routing, self.losses = None, {}
         if self.num_self_routing:
-            self._observe_selection(h[..., self.num_shared:, :].flatten(0, -3), b[self.num_shared:], directions)
+            self._observe_selection(h[..., self.num_shared:, :].flatten(0, -3), b[self.num_shared:], norms)
         return out
 
-    def _observe_selection(self, h: Tensor, routed_B: Tensor, directions: Tensor | None) -> None:
+    def _add_update(self, result: Tensor, h: Tensor, b: Tensor) -> Tensor:
+        """``result + [s B̃_1 … s B̃_N] h`` as one ``addmm``: the scales are folded into the (weight-side) factor,
+        so no activation-sized product or sum is formed. The adapter's fp32 output is added before the single
+        cast to the base dtype, as PEFT does."""
+        _, folded = self.experts.low_rank_factors(b)  # [d_out, N·r]
+        flat = result.reshape(-1, result.shape[-1])
+        out = torch.addmm(flat.to(folded.dtype), h.reshape(flat.shape[0], -1).to(folded.dtype), folded.T)
+        return out.to(result.dtype).reshape(result.shape)
+
+    def _observe_selection(self, h: Tensor, routed_B: Tensor, norms: Tensor | None) -> None:
         """Selection loss and routing record from the self-routing experts' ``h_j = A_j x`` [T, N_sr, r];
-        skipped in a plain eval forward. ``directions``: the forward's, when it computed them."""
+        skipped in a plain eval forward. ``norms``: the forward's ``d_j``, when it computed them."""
         mask = self.context.flat_token_mask(h.shape[0])
         if not (self.training or mask is not None):
             return
-        if self.config.loss_activation == "scaled":
-            b = routed_B
-        else:
-            b = self.directions() if directions is None else directions
+        b = routed_B if self.config.loss_activation == "scaled" else self.directions(norms)
         dtype = adapter_dtype(h.dtype)  # the loss in at least fp32, like every router, autocast or not
         with full_precision(h):
             activations = output_norms(h.to(dtype), b.to(dtype))

@@ -4,7 +4,8 @@
 
 * Init (PEFT ``init_lora_weights=True``): ``A`` as ``nn.Linear`` does (``kaiming_uniform_(a=√5)``), ``B = 0``,
   so the model starts exactly at the base model; ``"gaussian"``: ``A ~ N(0, 1/r)``.
-* Dropout acts on the input of ``A`` only (methods.md §1.2).
+* Dropout acts on the input of ``A`` only (methods.md §1.2); one mask per module (PEFT), or with
+  ``lora_dropout_sharing=per_input`` one mask per input tensor, shared by q/k/v and by gate/up (experts.py).
 * Precision: adapter weights stay fp32 under a bf16/fp16 base, and the LoRA output is added to the base
   output before one cast to the base dtype (PEFT's ``result + lora_B(...)``, then ``.to(result.dtype)``).
 * Merge: ``W ← W0 + s B A`` (PEFT's ``get_delta_weight``); unmerge subtracts it again.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .base import Adapter, AdapterConfig, AdapterLayer, register, require
-from .experts import LoraExperts, adapter_dtype
+from .experts import LoraExperts, adapter_dtype, check_dropout_sharing
 
 LORA_INITS = ("default", "gaussian", "random")
 
@@ -40,6 +41,8 @@ class LoraConfig(AdapterConfig):
     lora_dropout: float = 0.0
     use_rslora: bool = False
     init_lora_weights: str = "default"  # "default" (B = 0), "gaussian", or "random" (tests only: B ≠ 0)
+    # "per_module": every LoRA draws its own dropout mask (PEFT); "per_input": modules reading one tensor share one
+    lora_dropout_sharing: str = "per_module"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,12 +51,14 @@ class LoraConfig(AdapterConfig):
         require(0.0 <= self.lora_dropout < 1.0, f"lora_dropout ({self.lora_dropout}) must be in [0, 1)")
         require(self.init_lora_weights in LORA_INITS,
                 f"init_lora_weights ({self.init_lora_weights!r}) must be one of {LORA_INITS}")
+        check_dropout_sharing(self.lora_dropout_sharing)
 
     def make_experts(self, linear: nn.Linear, num_experts: int = 1) -> LoraExperts:
         """A stack of ``num_experts`` LoRAs with this config's r, α, dropout and init, shaped for ``linear``."""
         return LoraExperts(num_experts, linear.in_features, linear.out_features, self.r, self.lora_alpha,
                            self.lora_dropout, self.use_rslora, self.init_lora_weights,
-                           dtype=adapter_dtype(linear.weight.dtype), device=linear.weight.device)
+                           dtype=adapter_dtype(linear.weight.dtype), device=linear.weight.device,
+                           dropout_sharing=self.lora_dropout_sharing)
 
 
 class LoraLinear(AdapterLayer):

@@ -142,6 +142,11 @@ class MixerRouter(nn.Module):
         super().__init__()
         self.router, self.top_k, self.renormalize = router, top_k, renormalize
 
+    @property
+    def sparse(self) -> bool:
+        """Zero weights outside ``Routing.selected``: at inference (top-K), not in the dense soft stage."""
+        return not self.training
+
     def forward(self, x: Tensor, h: Tensor, experts: LoraExperts, context: BatchContext) -> tuple[Tensor, Routing]:
         probs, logits = self.router.probabilities(x.reshape(-1, x.shape[-1]))
         if self.training:

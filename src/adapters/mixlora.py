@@ -19,14 +19,20 @@ probability, over the router outputs of all FFN layers pooled (``aux_loss_reduct
 or per layer and averaged (``"per_layer"``); uniform routing gives ``k``. Padding (or, with the trainer's
 ``routing_tokens=answer``, prompt) tokens are masked with the batch's token mask.
 
-Fast path (design.md "Speed by design"): ``W1 h`` and ``W3 h`` are computed once for all tokens; every
-expert's LoRA-A projection at once (``[T, E, r]``); per top-k slot a one-hot mask keeps the slot's expert,
-so one matmul gives all slots' deltas ``[T, k, inter]``; ``W2`` is applied once to the routing-weighted
-mix ``Σ_j w̃_j a_j`` of the slots' activations, and the down projection's expert LoRA takes the k slots
-masked and weighted. The mix is summed in fp32 and rounded once before ``W2`` (the official code, too,
-accumulates the weighted expert outputs in fp32). No loop over experts, no data-dependent shapes, no host
-sync; memory is k× (not E×) the FFN activations. :meth:`MixLoraFFN.reference_forward` is the per-expert
-loop (gather the tokens of each expert, run its FFN) that the tests compare outputs and gradients with.
+Fast path (design.md "Speed by design"): ``W1 h`` and ``W3 h`` are computed once for all tokens, ``W2``
+once on the routing-weighted mix ``Σ_j w̃_j a_j`` of the slots' activations ``[T, k, inter]`` (memory k×,
+not E×, the FFN activations). The mix is summed in fp32 and rounded once before ``W2`` (the official code,
+too, accumulates the weighted expert outputs in fp32). The experts' LoRA factors, ``expert_compute``:
+
+* ``grouped`` (default, the faster at real shapes in the benchmark): every expert's A of W1/W3 once on h
+  (``[T, E·r]``, the cheap factor), each slot's r columns picked, and only the selected B, and for W2 only the
+  selected A and B, as one GEMM per expert over the slots sorted by expert (experts.py, "Grouped top-k").
+* ``dense``: every expert on every token, masked by one-hot slot masks: no data-dependent shapes and no host
+  synchronisation, at E/k times the FLOPs of the selected experts' B (and of W2's A and B). It is the
+  reference the grouped path is tested against (outputs and gradients).
+
+:meth:`MixLoraFFN.reference_forward` is the per-expert loop (gather the tokens of each expert, run its FFN)
+that the tests compare both paths with.
 
 ``W2`` once on the mix instead of once per expert (the official code) is an exact identity by linearity,
 ``Σ_j w̃_j W2 a_j = W2 Σ_j w̃_j a_j``: the same function, differing only in floating-point ordering. It is
@@ -84,7 +90,15 @@ from .base import (
     require,
     routed_modules,
 )
-from .experts import LoraExperts
+from .experts import (
+    DEFAULT_EXPERT_COMPUTE,
+    LoraExperts,
+    SlotOrder,
+    check_expert_compute,
+    from_sorted,
+    slot_order,
+    to_sorted,
+)
 from .lora import LoraConfig, LoraLinear
 from .routing import apply_jitter, load_balance_loss, router_z_loss
 
@@ -107,9 +121,12 @@ class RoutedLoraConfig(LoraConfig):
     router_aux_loss_coef: float = 1e-3
     aux_loss_reduction: str = "pooled"  # "pooled": all layers' router outputs at once (MoE-PEFT); "per_layer"
     router_z_loss_coef: float = 0.0
+    # "grouped": only the top-k experts' LoRA factors are computed (experts.py); "dense": every expert, masked
+    expert_compute: str = DEFAULT_EXPERT_COMPUTE
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_expert_compute(self.expert_compute)
         require(isinstance(self.num_experts, int) and self.num_experts >= 1,
                 f"num_experts ({self.num_experts}) must be a positive integer")
         require(isinstance(self.top_k, int) and self.top_k >= 1, f"top_k ({self.top_k}) must be a positive integer")
@@ -170,7 +187,8 @@ class MixLoraConfig(RoutedLoraConfig):
                           r=self.r if self.expert_r is None else self.expert_r,
                           lora_alpha=self.lora_alpha if self.expert_alpha is None else self.expert_alpha,
                           lora_dropout=self.lora_dropout if self.expert_dropout is None else self.expert_dropout,
-                          use_rslora=self.use_rslora, init_lora_weights=self.init_lora_weights)
+                          use_rslora=self.use_rslora, init_lora_weights=self.init_lora_weights,
+                          lora_dropout_sharing=self.lora_dropout_sharing)
 
 
 # ---------------------------------------------------------------------------------------------- the layer
@@ -187,6 +205,7 @@ class MixLoraFFN(AdapterLayer):
         self.experts = nn.ModuleDict({name: expert_config.make_experts(getattr(mlp, name), config.num_experts)
                                       for name in self.projections})
         self.router = router
+        self.expert_compute = config.expert_compute
 
     def _base(self, index: int) -> nn.Linear:
         # read from base_layer on each use: keeping the frozen linears as attributes here would register
@@ -203,16 +222,22 @@ class MixLoraFFN(AdapterLayer):
         return self._mix(x, self.routing.selected, slot_weights).reshape(hidden.shape)
 
     def _mix(self, x: Tensor, selected: Tensor, slot_weights: Tensor) -> Tensor:
-        """``Σ_j w̃_j E_{selected_j}(x)`` for every token, all experts at once."""
-        slots = F.one_hot(selected, self._expert_stack(0).num_experts)  # [T, k, E]
-        gate = self._slot_projection(0, x, slots)
-        up = self._slot_projection(1, x, slots)
+        """``Σ_j w̃_j E_{selected_j}(x)`` for every token: the frozen W1 h, W3 h and W2 once, the experts' LoRA
+        factors densely (every expert, masked) or grouped (the selected experts only)."""
+        if self.expert_compute == "grouped":
+            order = slot_order(selected, self._expert_stack(0).num_experts)
+            gate, up = (self._grouped_projection(i, x, order) for i in (0, 1))
+        else:
+            slots = F.one_hot(selected, self._expert_stack(0).num_experts)  # [T, k, E]
+            gate, up = (self._slot_projection(i, x, slots) for i in (0, 1))
         act = self.base_layer.act_fn(gate) * up  # [T, k, inter]: k× the FFN activations, not E×
         # the weighted mix in fp32, rounded once for W2: summed in a bf16 base's dtype, every product would be
         # rounded first (the official code accumulates the weighted expert outputs in fp32)
         accumulate = torch.promote_types(act.dtype, torch.float32)
         mix = torch.sum(slot_weights.to(accumulate).unsqueeze(-1) * act.to(accumulate), dim=1)
         out = self._base(2)(mix.to(act.dtype))  # W2 once, on the mix
+        if self.expert_compute == "grouped":
+            return out + self._grouped_down_delta(act, slot_weights, order).to(out.dtype)
         down = self._expert_stack(2)
         h = down.down(act)  # [T, k, E, r]: every expert's A on every slot's activation
         weighted_slots = slots * slot_weights.unsqueeze(-1)  # [T, k, E]: w̃_j at slot j's expert, 0 elsewhere
@@ -224,6 +249,21 @@ class MixLoraFFN(AdapterLayer):
         h = experts.down(x).unsqueeze(1)  # [T, 1, E, r]: every expert's A, once
         h = h * slots.unsqueeze(-1).to(h.dtype)  # [T, k, E, r]: slot j keeps its expert only
         return self._base(index)(x).unsqueeze(1) + experts.up(h).to(x.dtype)
+
+    def _grouped_projection(self, index: int, x: Tensor, order: SlotOrder) -> Tensor:
+        """:meth:`_slot_projection` with each slot's B alone: every expert's A on x once (rank E·r, the cheap
+        factor), the slot's r columns picked, one B per expert over its sorted slots."""
+        experts = self._expert_stack(index)
+        delta = from_sorted(experts.grouped_up(experts.slot_down(x, order), order), order)  # [T, k, d_out]
+        return self._base(index)(x).unsqueeze(1) + delta.to(x.dtype)
+
+    def _grouped_down_delta(self, act: Tensor, slot_weights: Tensor, order: SlotOrder) -> Tensor:
+        """``Σ_j w̃_j s B_{e_j} A_{e_j} a_j`` of W2's experts: each slot's activation through its own A and B."""
+        down = self._expert_stack(2)
+        rows = to_sorted(act.flatten(0, 1), order)  # [S, inter] sorted by expert
+        weights = slot_weights.reshape(-1).index_select(0, order.order)
+        h = down.grouped_down(rows, order) * weights.to(down.lora_A.dtype)[:, None]
+        return from_sorted(down.grouped_up(h, order), order).sum(dim=1)
 
     def reference_forward(self, hidden: Tensor) -> Tensor:
         """The straightforward per-expert loop the fast path must equal (tests only; no jitter)."""

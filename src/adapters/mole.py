@@ -174,6 +174,8 @@ def balance_loss(gates: list[tuple[Tensor, Tensor | None]]) -> Tensor:
 class MoleGate(nn.Module):
     """One gate site: ``g = softmax(Norm(z)ᵀ e / τ)`` in fp32 (at least), ``e = 0`` and ``τ = 1`` at init."""
 
+    sparse = False  # the gate mixes every expert (composition.ComposedLinear reads this)
+
     def __init__(self, in_features: int, num_experts: int, config: MoleConfig,
                  decoding: DecodingState | None = None) -> None:
         super().__init__()

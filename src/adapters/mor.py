@@ -32,8 +32,9 @@ z-loss with ``combine="prob"`` is refused.
 
 ``per_linear`` host (MoLA-style, Gao et al. arXiv 2402.08562, as MoE-PEFT implements it; not a registered
 method of its own): every adapted linear gets E LoRA experts and its own top-k router,
-``y = W0 x + Σ_{e ∈ top-k} w̃_e s B_e A_e x``, computed for all experts at once (``LoraExperts``), with
-MixLoRA's router and balance-loss fields. Defaults [R]: all seven projections, 8 experts, top-2, r = 8,
+``y = W0 x + Σ_{e ∈ top-k} w̃_e s B_e A_e x``, with MixLoRA's router, balance-loss and ``expert_compute``
+fields: ``grouped`` computes only the selected experts' B, ``dense`` all experts at once, masked
+(``LoraExperts``). Defaults [R]: all seven projections, 8 experts, top-2, r = 8,
 α = 16 (MoLA's rank), balance coefficient 1e-3 (MoE-PEFT's MoLA keeps it off). Its plain baseline is
 ``adapter=mor adapter.host=per_linear adapter.num_routers=1``.
 
@@ -64,6 +65,7 @@ from .routing import Routing, TopKRouter, apply_jitter, full_precision, load_bal
 
 HOSTS = ("mixlora", "lora_mixer", "per_linear")
 COMBINES = ("prob", "logit")
+PASSED_TO_HOST = ("layers_to_transform", "expert_compute", "lora_dropout_sharing", "aux_loss_scope")
 
 
 # ---------------------------------------------------------------------------------------------- the router
@@ -134,11 +136,16 @@ class RoutedLoraLinear(AdapterLayer):
         self.experts = config.make_experts(base_layer, config.num_experts)
         self.router = router
         self.jitter_noise = config.jitter_noise
+        self.expert_compute = config.expert_compute
 
     def adapted_forward(self, x: Tensor) -> Tensor:
         flat = apply_jitter(x.reshape(-1, x.shape[-1]), self.jitter_noise, self.training)
         weights, self.routing = self.router(flat)
-        delta = self.experts(flat, weights)  # all experts at once; the zero weights drop the unselected
+        if self.expert_compute == "grouped":  # the selected experts' B only (experts.py, "Grouped top-k")
+            selected = self.routing.selected
+            delta = self.experts.routed(flat, selected, weights.gather(-1, selected))
+        else:  # all experts at once; the zero weights drop the unselected
+            delta = self.experts(flat, weights)
         result = self.base_layer(flat)
         return (result + delta).to(result.dtype).reshape(*x.shape[:-1], -1)  # one cast, as PEFT's LoRA
 
@@ -179,18 +186,16 @@ class MorConfig(AdapterConfig):
     combine: str = "prob"
     sub_router_balance: bool = False
     sub_router_balance_coef: float = 1e-3
+    # the host's compute flags, set here so that one override reaches every method; null: the host's value
+    expert_compute: str | None = None
+    lora_dropout_sharing: str | None = None
 
     def __post_init__(self) -> None:
         # AdapterConfig's target check does not apply: the host's config carries and checks the targets
         require(self.target_modules is None,
                 f"target_modules ({self.target_modules!r}): set the targets in host_config, MoR routes the host's")
-        if self.layers_to_transform is not None:  # one override adapts the same layers for every method
-            require(self.host_config.get("layers_to_transform") in (None, self.layers_to_transform),
-                    "layers_to_transform: set it here or in host_config, not differently in both")
-            self.host_config = {**self.host_config, "layers_to_transform": list(self.layers_to_transform)}
-        require(self.host_config.get("aux_loss_scope") in (None, self.aux_loss_scope),
-                "aux_loss_scope: set it here, where the trainer reads it, not differently in host_config")
-        self.host_config = {**self.host_config, "aux_loss_scope": self.aux_loss_scope}
+        for name in PASSED_TO_HOST:  # one override (layers, compute flags) acts the same for every method
+            self._pass_to_host(name)
         require(isinstance(self.num_routers, int) and self.num_routers >= 1,
                 f"num_routers ({self.num_routers}) must be a positive integer")
         require(self.combine in COMBINES, f"combine ({self.combine!r}) must be one of {COMBINES}")
@@ -208,6 +213,16 @@ class MorConfig(AdapterConfig):
         require(not (self.combine == "prob" and getattr(host, "router_z_loss_coef", 0.0) > 0),
                 "host_config.router_z_loss_coef needs router logits, which combine='prob' does not have; "
                 "use combine='logit' or no z-loss")
+
+    def _pass_to_host(self, name: str) -> None:
+        """Copy MoR's own ``name`` into ``host_config`` (a conflicting value there fails naming the field)."""
+        value = getattr(self, name)
+        if value is None:
+            return
+        value = value if isinstance(value, str) else list(value)
+        require(self.host_config.get(name) in (None, value),
+                f"{name}: set it here or in host_config, not differently in both")
+        self.host_config = {**self.host_config, name: value}
 
     def host_adapter_config(self) -> AdapterConfig:
         """The host's config: its defaults with ``host_config`` applied, validated by its own class."""

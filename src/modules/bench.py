@@ -2,14 +2,30 @@
 
 Measured side by side in one process, on the same random-weight model shapes and the same batch, so the
 ratios are fair: every variant is built up front and the timed steps are interleaved round-robin (one
-step of each variant per round), which spreads machine noise evenly over the variants. Reported per
-variant: median seconds per step, tokens/s, the ratio to the reference variant and, on CUDA, peak memory.
-Absolute times mean something only on a GPU; on a CPU read the ratios.
+step of each variant per round), which spreads machine noise evenly over the variants. Absolute times mean
+something only on a GPU; on a CPU read the ratios.
 
 * ``train``: forward + backward + AdamW step; methods trained in stages get one row per stage. The
   ``base`` row backpropagates through the frozen model to its input embeddings — the floor that every
   adapter pays — and the reference for ratios is LoRA r16 on all seven projections (the targets of the
-  method papers' LoRA baselines).
+  method papers' LoRA baselines). Per variant:
+
+  - ``ratio``: the median over rounds of the round's time divided by the reference's time in the same
+    round (paired, so a slow round slows both), with the ``range`` of those per-round ratios, and
+    ``ratio_of_minimums`` (fastest step over fastest reference step, the least noisy single figure);
+  - ``flop_floor``: matmul FLOPs of one train step of the variant's maths over the reference's, counted by
+    ``torch.utils.flop_counter`` (a routed method's floor is counted on its grouped top-k path, which does
+    only the selected experts' work; ``flops_ratio`` is what the variant as configured executes);
+  - ``peak_memory_ratio``: on a CPU, the peak resident memory that two train steps add on top of the built
+    model, measured in a fresh subprocess per variant (``/proc`` high-water mark, reset after building);
+    on CUDA, ``torch.cuda.max_memory_allocated``;
+  - ``check``: every fast path is compared with its reference (``expert_compute: dense``) on the same
+    weights before it is timed, loss and adapter gradients, dropout off; a failing variant is not timed.
+
+  At the large shapes only a few decoder layers are built (``layers``) and the vocabulary is cut to
+  ``REDUCED_VOCAB`` tokens, so that the LM head, which no adapter touches, does not hide the layers' cost.
+  ``load`` records the machine's load average around the timing and flags a run where other processes
+  competed for the cores.
 * ``latency``: batch 1; ``prefill`` = one forward over the prompt, ``decode`` = time per generated token
   of greedy decoding with the KV cache (the prefill that fills the cache is not timed). Variants: the base
   model, a copy of it (the noise floor), merged LoRA r16, and every other registered method as it runs
@@ -19,15 +35,21 @@ Absolute times mean something only on a GPU; on a CPU read the ratios.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from moelab.adapters import config_from_dict, count_parameters, inject, merge_and_unload, registered_adapters
 from moelab.adapters.base import LLAMA_PROJECTIONS
@@ -43,8 +65,13 @@ SHAPES = {
     "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000),
 }
-LORA_R16_ALL = {"target_modules": list(LLAMA_PROJECTIONS),
-                "r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+# Decoder layers built per shape by default: the large shapes are cut so that a CPU run of every variant fits
+# in minutes (None: all of them).
+DEFAULT_LAYERS = {"tiny": None, "smollm2_135m": None, "llama3_2_3b": 1, "llama2_7b": 1}
+REDUCED_VOCAB = 512  # the vocabulary of a model cut to a few layers (see the module docstring)
+LORA_R16_ALL = {"target_modules": list(LLAMA_PROJECTIONS), "r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+REFERENCE = "lora_r16"
+CHECK_RTOL = 1e-4  # fast path vs reference at real shapes, fp32: relative to the largest entry
 
 
 @dataclass
@@ -57,12 +84,34 @@ class Variant:
     peak_memory: int | None = None
 
 
-def build_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
+@dataclass
+class ModelShape:
+    """A base model to benchmark: an architecture's shape, optionally cut to ``layers`` decoder layers."""
+
+    shape: str
+    layers: int | None = None
+    vocab: int | None = None  # None: the shape's own, or REDUCED_VOCAB when layers are cut
+
+    def config_values(self) -> dict:
+        if self.shape not in SHAPES:
+            raise ValueError(f"--shape must be one of {sorted(SHAPES)}, got {self.shape!r}")
+        values = dict(SHAPES[self.shape])
+        if self.layers is not None:
+            if not 1 <= self.layers <= values["num_hidden_layers"]:
+                raise ValueError(f"--layers ({self.layers}) must be in [1, {values['num_hidden_layers']}] "
+                                 f"for {self.shape}")
+            values["num_hidden_layers"] = self.layers
+        vocab = self.vocab or (REDUCED_VOCAB if self.layers is not None else None)
+        if vocab is not None:
+            values["vocab_size"] = vocab
+        return values
+
+
+def build_model(shape: str | ModelShape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    if shape not in SHAPES:
-        raise ValueError(f"--shape must be one of {sorted(SHAPES)}")
-    config = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
+    shape = shape if isinstance(shape, ModelShape) else ModelShape(shape)
+    config = LlamaConfig(max_position_embeddings=4096, **shape.config_values())
     torch.manual_seed(seed)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -106,22 +155,108 @@ def _report(variants: list[Variant], reference: str, tokens_per_step: int) -> li
              "parameters": v.parameters, "steps_timed": len(v.seconds)} for v in variants]
 
 
-# -- training step --------------------------------------------------------------------------------------
+def paired_ratios(seconds: list[float], reference: list[float]) -> dict:
+    """Ratio figures of one variant's per-round times against the reference's times of the same rounds."""
+    ratios = [s / r for s, r in zip(seconds, reference, strict=True)]
+    return {"ratio": statistics.median(ratios), "range": [min(ratios), max(ratios)],
+            "ratio_of_minimums": min(seconds) / min(reference)}
+
+
+# -- the variants of the train-step benchmark ----------------------------------------------------------
+
+
+@dataclass
+class VariantSpec:
+    """One row of the train-step benchmark, as plain values (a memory probe rebuilds it in a subprocess).
+
+    ``kind``: ``base`` (no adapter), ``adapter`` (a moelab method, ``method`` with config ``values``, in
+    ``stage``) or ``peft`` (HF PEFT's LoRA with ``values``)."""
+
+    name: str
+    kind: str
+    method: str | None = None
+    values: dict = field(default_factory=dict)
+    stage: str | None = None
+
+    @property
+    def routed(self) -> bool:
+        """Whether the method has the ``expert_compute`` flag and this stage can route top-k (the soft stage of a
+        composition mixes every expert)."""
+        if self.kind != "adapter" or self.stage == "soft":
+            return False
+        return "expert_compute" in {f.name for f in dataclasses.fields(registered_adapters()[self.method].config_class)}
+
+    def with_values(self, name: str, **changes) -> VariantSpec:
+        return VariantSpec(name, self.kind, self.method, {**self.values, **changes}, self.stage)
+
+
+def _adapter_specs(conf_dir: Path, method: str, name: str | None = None, **changes) -> list[VariantSpec]:
+    """The method with its conf defaults (plus ``changes``), one spec per training stage."""
+    values = {**default_adapter_values(conf_dir, method), **changes}
+    adapter = inject(_skeleton(), config_from_dict(method, values))
+    stages = [stage for _, stage in adapter.stage_schedule(max_steps=100)] or [None]
+    name = name or method
+    return [VariantSpec(name if stage is None or len(stages) == 1 else f"{name}:{stage}", "adapter", method, values,
+                        stage if len(stages) > 1 else None) for stage in stages]
+
+
+def _skeleton() -> nn.Module:
+    return build_model("tiny", torch.float32, torch.device("cpu"))
+
+
+def train_variant_specs(conf_dir: Path, methods: list[str]) -> list[VariantSpec]:
+    """Reference rows (base, LoRA r16 and its twins, LoRA r128, PEFT's LoRA r16) and every method in ``methods``
+    with its defaults; routed methods also with ``expert_compute: dense``, and shared dropout masks
+    (``lora_dropout_sharing: per_input``) for every method that has dropout."""
+    specs = [VariantSpec("base", "base"),
+             VariantSpec(REFERENCE, "adapter", "lora", LORA_R16_ALL),
+             VariantSpec("lora_r16_dropout0", "adapter", "lora", {**LORA_R16_ALL, "lora_dropout": 0.0}),
+             VariantSpec("lora_r16_per_input", "adapter", "lora",
+                         {**LORA_R16_ALL, "lora_dropout_sharing": "per_input"}),
+             VariantSpec("lora_r128", "adapter", "lora", {**LORA_R16_ALL, "r": 128, "lora_alpha": 256}),
+             VariantSpec("peft_lora_r16", "peft", values=LORA_R16_ALL)]
+    for method in methods:
+        hosts = [("mor", {}), ("mor_per_linear", {"host": "per_linear"})] if method == "mor" else [(method, {})]
+        for name, changes in hosts:
+            own = _adapter_specs(conf_dir, method, name, **changes)
+            specs += own
+            specs += [spec.with_values(f"{spec.name}[dense]", expert_compute="dense") for spec in own if spec.routed]
+            if method != "mor":
+                specs += [spec.with_values(f"{spec.name}[per_input]", lora_dropout_sharing="per_input")
+                          for spec in own if spec.stage != "soft"]
+    return specs
+
+
+def build_variant(spec: VariantSpec, base: nn.Module, device: torch.device) -> tuple[nn.Module, object]:
+    """A copy of ``base`` with the spec's adapter (the adapter object, or None), on ``device``."""
+    model = copy.deepcopy(base)
+    adapter = None
+    if spec.kind == "adapter":
+        adapter = inject(model, config_from_dict(spec.method, spec.values))
+        if spec.stage is not None:
+            adapter.enter_stage(model, spec.stage)
+    elif spec.kind == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(**spec.values))
+    return model.to(device), adapter
 
 
 def _train_step(model: nn.Module, adapter, batch: dict) -> Callable[[], None]:
-    trainable = adapter.trainable_parameters(model) if adapter else []
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     embeddings = model.get_input_embeddings()
 
     def step() -> None:
-        if adapter is None:  # backprop through the frozen model to its inputs: the cost every adapter pays
+        if not trainable:  # backprop through the frozen model to its inputs: the cost every adapter pays
             inputs = embeddings(batch["input_ids"]).detach().requires_grad_(True)
             loss = model(inputs_embeds=inputs, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         else:
-            adapter.set_context(model, batch["task_ids"], batch["attention_mask"].bool())
+            if adapter is not None:
+                adapter.set_context(model, batch["task_ids"], batch["attention_mask"].bool())
             output = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
-            loss = output.loss + sum(adapter.aux_losses(model).values(), torch.zeros((), device=output.loss.device))
+            aux = adapter.aux_losses(model).values() if adapter is not None else []
+            loss = output.loss + sum(aux, torch.zeros((), device=output.loss.device))
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -130,37 +265,223 @@ def _train_step(model: nn.Module, adapter, batch: dict) -> Callable[[], None]:
     return step
 
 
-def _staged_variants(base: nn.Module, name: str, config, batch: dict, device: torch.device) -> list[Variant]:
-    """One variant per training stage of the method (``name:stage``), or one when it has no stages."""
-    stages = [stage for _, stage in inject(copy.deepcopy(base), config).stage_schedule(max_steps=100)] or [None]
-    variants = []
-    for stage in stages:
-        model = copy.deepcopy(base)
-        adapter = inject(model, config)
-        if stage is not None:
-            adapter.enter_stage(model, stage)
-        model.to(device)
-        label = name if stage is None else f"{name}:{stage}"
-        variants.append(Variant(label, model, _train_step(model, adapter, batch), count_parameters(model)))
-    return variants
+def make_batch(model: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(4, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone(),
+            "task_ids": torch.arange(batch_size, device=device) % 3}
 
 
-def train_step_benchmark(conf_dir: Path, shape: str, methods: list[str], batch_size: int, seq_len: int, rounds: int,
-                         warmup: int, device: torch.device, dtype: torch.dtype) -> dict:
-    base = build_model(shape, dtype, device)
+# -- what is checked and counted before timing -----------------------------------------------------------
+
+
+class _DropoutOff:
+    """Dropout probabilities set to 0 inside the block: two paths see the same inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+
+    def __enter__(self) -> None:
+        self.saved = [m.p for m in self.modules]
+        for m in self.modules:
+            m.p = 0.0
+
+    def __exit__(self, *exc) -> None:
+        for m, p in zip(self.modules, self.saved, strict=True):
+            m.p = p
+
+
+def _loss_and_grads(model: nn.Module, adapter, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """Loss, adapter gradients and matmul FLOPs of one forward + backward, dropout off."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with _DropoutOff(model), FlopCounterMode(display=False) as counter:
+        if adapter is not None:
+            adapter.set_context(model, batch["task_ids"], batch["attention_mask"].bool())
+        loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+        grads = torch.autograd.grad(loss, trainable, allow_unused=True) if trainable else []
+    return loss.detach(), [g for g in grads if g is not None], counter.get_total_flops()
+
+
+def set_expert_compute(model: nn.Module, value: str) -> None:
+    """Switch every layer that has an ``expert_compute`` attribute (the routed layers) to ``value``."""
+    for module in model.modules():
+        if hasattr(module, "expert_compute"):
+            module.expert_compute = value
+
+
+def check_and_count(model: nn.Module, adapter, batch: dict) -> dict:
+    """FLOPs of the variant's step; for a fast path also its reference's, and the largest relative difference
+    of loss and gradients between the two (``check`` passes below ``CHECK_RTOL``)."""
+    model.train()
+    loss, grads, flops = _loss_and_grads(model, adapter, batch)
+    modes = {getattr(m, "expert_compute", None) for m in model.modules()} - {None}
+    if not modes:
+        return {"flops": flops, "floor_flops": flops}
+    set_expert_compute(model, "grouped")
+    fast_loss, fast_grads, fast_flops = _loss_and_grads(model, adapter, batch)
+    set_expert_compute(model, "dense")
+    ref_loss, ref_grads, ref_flops = _loss_and_grads(model, adapter, batch)
+    set_expert_compute(model, modes.pop())
+    error = max(_relative_error(a, b) for a, b in zip([fast_loss, *fast_grads], [ref_loss, *ref_grads], strict=True))
+    return {"flops": flops, "floor_flops": fast_flops, "reference_flops": ref_flops,
+            "check_max_relative_error": error, "check": error <= CHECK_RTOL}
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max().clamp_min(torch.finfo(b.dtype).tiny)
+    return float((a - b).abs().max() / scale)
+
+
+# -- peak memory, one subprocess per variant ---------------------------------------------------------------
+
+
+def _rss_high_water() -> int:
+    """The process's peak resident set (VmHWM) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_rss_high_water() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS (proc(5))
+
+
+def memory_probe(request: dict) -> dict:
+    """Run in a fresh process: build the variant, reset the RSS high-water mark, two train steps; the bytes
+    the steps added to the resident set at their peak."""
+    torch.set_num_threads(request["threads"])
+    shape = ModelShape(**request["shape"])
+    base = build_model(shape, torch.float32, torch.device("cpu"))
     base.train()
     base.requires_grad_(False)
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(4, base.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone(),
-             "task_ids": torch.zeros(batch_size, dtype=torch.long, device=device)}
-    variants = [Variant("base", base, _train_step(base, None, batch))]
-    for name, values in [("lora_r16_all", ("lora", LORA_R16_ALL))] + [
-            (m, (m, default_adapter_values(conf_dir, m))) for m in methods]:
-        variants += _staged_variants(base, name, config_from_dict(*values), batch, device)
-    _timed_rounds(variants, rounds, warmup, device)
-    return {"kind": "train_step", "shape": shape, "batch_size": batch_size, "seq_len": seq_len,
-            "rows": _report(variants, "lora_r16_all", batch_size * seq_len)}
+    model, adapter = build_variant(VariantSpec(**request["spec"]), base, torch.device("cpu"))
+    del base
+    batch = make_batch(model, request["batch_size"], request["seq_len"], torch.device("cpu"))
+    step = _train_step(model, adapter, batch)
+    before = _current_rss()
+    _reset_rss_high_water()
+    for _ in range(2):
+        step()
+    return {"step_peak_bytes": _rss_high_water() - before, "rss_before_bytes": before}
+
+
+def _current_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def probe_in_subprocess(spec: VariantSpec, shape: ModelShape, batch_size: int, seq_len: int, threads: int) -> dict:
+    request = {"spec": asdict(spec), "shape": asdict(shape), "batch_size": batch_size, "seq_len": seq_len,
+               "threads": threads}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, "-m", "moelab.modules.bench", json.dumps(request)], env=env,
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- machine load --------------------------------------------------------------------------------------------
+
+
+def machine_load(threads: int) -> dict:
+    """The 1-minute load average and whether it leaves ``threads`` cores free for the benchmark."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    return {"load_1min": load, "cores": cores, "threads": threads, "busy": load > cores - threads + 0.5}
+
+
+# -- the train-step benchmark ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainBench:
+    """The settings of one train-step benchmark run."""
+
+    shape: ModelShape
+    batch_size: int = 4
+    seq_len: int = 128
+    rounds: int = 7
+    warmup: int = 1
+    memory: bool = True  # the per-variant subprocesses (CPU); off in tests
+
+
+def train_step_benchmark(conf_dir: Path, bench: TrainBench, methods: list[str], device: torch.device,
+                         dtype: torch.dtype) -> dict:
+    """Every variant of :func:`train_variant_specs` on the same base and batch: checked, counted, timed in
+    interleaved rounds, and (CPU) probed for memory. Returns the per-variant figures."""
+    base = build_model(bench.shape, dtype, device)
+    base.train()
+    base.requires_grad_(False)
+    batch = make_batch(base, bench.batch_size, bench.seq_len, device)
+    threads = torch.get_num_threads()
+    variants, figures = [], {}
+    for spec in train_variant_specs(conf_dir, methods):
+        model, adapter = build_variant(spec, base, device)
+        figures[spec.name] = {"parameters": count_parameters(model)["trainable"], **check_and_count(model, adapter,
+                                                                                                       batch)}
+        if figures[spec.name].get("check", True):
+            variants.append(Variant(spec.name, model, _train_step(model, adapter, batch)))
+    load_before = machine_load(threads)
+    _timed_rounds(variants, bench.rounds, bench.warmup, device)
+    load_after = machine_load(threads)
+    timed = {v.name: v for v in variants}
+    reference = timed[REFERENCE]
+    for name, values in figures.items():
+        values["flop_floor"] = values.pop("floor_flops") / figures[REFERENCE]["flops"]
+        values["flops_ratio"] = values["flops"] / figures[REFERENCE]["flops"]
+        if name in timed:
+            seconds = timed[name].seconds
+            values.update(paired_ratios(seconds, reference.seconds), median_s=statistics.median(seconds),
+                          tokens_per_s=bench.batch_size * bench.seq_len / statistics.median(seconds))
+            if device.type == "cuda":
+                values["peak_memory_bytes"] = timed[name].peak_memory
+    del variants, timed, reference
+    _add_memory(figures, bench, conf_dir, methods, device, threads)
+    return {"kind": "train_step", "shape": bench.shape.shape, "layers": base.config.num_hidden_layers,
+            "vocab_size": base.config.vocab_size, "batch_size": bench.batch_size, "seq_len": bench.seq_len,
+            "rounds": bench.rounds, "reference": REFERENCE,
+            "load": {"before": load_before, "after": load_after,
+                     "busy": load_before["busy"] or load_after["busy"]},
+            "variants": figures}
+
+
+def markdown_table(result: dict) -> str:
+    """The train-step figures of one shape as a Markdown table (ratios to LoRA r16)."""
+    header = (f"{result['shape']}: {result['layers']} decoder layers, vocabulary {result['vocab_size']}, batch "
+              f"{result['batch_size']} × {result['seq_len']} tokens, {result['rounds']} rounds"
+              + (" — **machine busy during the run (load above free cores): ratios are noisy**"
+                 if result["load"]["busy"] else ""))
+    lines = [header, "", "| variant | ratio (median) | range | ratio of minimums | FLOP floor | FLOPs executed | "
+                         "peak memory | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    for name, v in result["variants"].items():
+        if "ratio" not in v:
+            lines.append(f"| {name} | not timed: fast path differs from its reference by "
+                         f"{v.get('check_max_relative_error', float('nan')):.1e} | | | | | | |")
+            continue
+        memory = f"{v['peak_memory_ratio']:.2f}" if "peak_memory_ratio" in v else "—"
+        lines.append(f"| {name} | {v['ratio']:.2f} | {v['range'][0]:.2f}–{v['range'][1]:.2f} | "
+                     f"{v['ratio_of_minimums']:.2f} | {v['flop_floor']:.2f} | {v['flops_ratio']:.2f} | {memory} | "
+                     f"{v['tokens_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def _add_memory(figures: dict, bench: TrainBench, conf_dir: Path, methods: list[str], device: torch.device,
+                threads: int) -> None:
+    """``peak_memory_ratio`` of every variant: CUDA peaks from the timed steps, or CPU subprocess probes."""
+    if device.type == "cpu" and bench.memory:
+        for spec in train_variant_specs(conf_dir, methods):
+            probe = probe_in_subprocess(spec, bench.shape, bench.batch_size, bench.seq_len, threads)
+            figures[spec.name]["memory"] = probe
+            if "step_peak_bytes" in probe:
+                figures[spec.name]["peak_memory_bytes"] = probe["step_peak_bytes"]
+    reference = figures[REFERENCE].get("peak_memory_bytes")
+    for values in figures.values():
+        if reference and values.get("peak_memory_bytes") is not None:
+            values["peak_memory_ratio"] = values["peak_memory_bytes"] / reference
 
 
 # -- inference latency ----------------------------------------------------------------------------------
@@ -229,3 +550,7 @@ def latency_benchmark(conf_dir: Path, shape: str, prompt_len: int, new_tokens: i
     _timed_rounds(decode, rounds, warmup, device)
     return {"kind": "latency", "shape": shape, "batch_size": 1, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "prefill": _report(prefill, "base", prompt_len), "decode_per_token": _report(decode, "base", 1)}
+
+
+if __name__ == "__main__":  # the memory probe of one variant (probe_in_subprocess)
+    print(json.dumps(memory_probe(json.loads(sys.argv[1]))))
