@@ -30,7 +30,6 @@ from moelab.adapters.lora import LoraConfig, LoraLinear
 from moelab.adapters.mixlora import (
     MixLoraConfig,
     MixLoraFFN,
-    balance_losses,
     from_official,
     from_official_config,
     to_official,
@@ -38,6 +37,7 @@ from moelab.adapters.mixlora import (
     to_official_state,
 )
 from moelab.adapters.mor import PerLinearConfig
+from moelab.adapters.routed import balance_losses
 from moelab.adapters.routing import Routing
 from moelab.modules.training import run
 

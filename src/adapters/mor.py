@@ -60,7 +60,7 @@ from .base import (
     require,
     routed_modules,
 )
-from .mixlora import RoutedLoraAdapter, RoutedLoraConfig
+from .routed import RoutedLoraAdapter, RoutedLoraConfig
 from .routing import Routing, TopKRouter, apply_jitter, full_precision, load_balance_loss
 
 HOSTS = ("mixlora", "lora_mixer", "per_linear")
