@@ -48,6 +48,19 @@ def test_cli_run_writes_results_with_lm_eval_scores(cli_run):
     assert results["data"]["tasks"]["tiny_parity"]["heldout"] == 20
     assert results["versions"]["torch"].startswith("2.13")
     assert "tuned (merged)" in stdout
+
+
+def test_a_run_logged_to_a_file_shows_phases_and_progress_lines(cli_run):
+    """stdout is a pipe here, as under SLURM or nohup: plain lines, no progress bar, no third-party chatter."""
+    out, stdout = cli_run
+    lines = stdout.splitlines()
+    assert any(line.startswith("[moelab] step 5/5 · loss ") and "tokens/s" in line for line in lines)
+    for phase in ("loading tiny_random", "scoring the base model", "training: 5 steps", "held-out pass",
+                  "scoring the trained model (merged"):
+        assert any(line.startswith(f"[moelab] ── {phase}") for line in lines), phase
+    assert not any(line.startswith(("Epoch ", "💡", "[20")) for line in lines), "no bar, tips or library INFO lines"
+    log = (out / "train.log").read_text()
+    assert all(line in log for line in lines if line.startswith("[moelab]")), "train.log holds every [moelab] line"
     assert results["metric"] == "auto" and results["metrics"] == dict.fromkeys(results["scores"], "acc")
     assert results["memory"]["measure"] == "peak_rss" and results["memory"]["peak_mib"] > 0
 
