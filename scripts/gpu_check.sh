@@ -31,13 +31,13 @@ if ! "$PY" -c "import moelab, hydra, lm_eval" 2>/dev/null; then
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-if ((dry_run)); then
-  accelerator=cpu bench=(--shape tiny --rounds 1 --threads 1 --no-memory)
+if ((dry_run)); then  # the same steps, as small as they go: CI runs this
+  accelerator=cpu steps=2 limit=4 bench=(--shape tiny --rounds 1 --threads 1 --no-memory)
 else
-  accelerator=gpu bench=(--shape llama3_2_3b --layers 4 --batch-size 8 --seq-len 512)
+  accelerator=gpu steps=5 limit=8 bench=(--shape llama3_2_3b --layers 4 --batch-size 8 --seq-len 512)
 fi
 methods=$("$PY" -c "from moelab.adapters import registered_adapters as r; print(','.join(sorted(r())))")
-tiny=(model=tiny_random data=tiny trainer.max_steps=5 eval.limit=8 logger=csv paths.cache_dir="$OUT/cache")
+tiny=(model=tiny_random data=tiny trainer.max_steps=$steps eval.limit=$limit logger=csv paths.cache_dir="$OUT/cache")
 
 steps=()
 step() {  # step NAME COMMAND...: run it, log it, remember its status and time
