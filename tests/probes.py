@@ -54,7 +54,7 @@ class PauseAt(L.Callback):
 
 
 class FailAt(L.Callback):
-    """Makes the forward of process ``rank`` fail at step ``step``: an exception, or a NaN loss."""
+    """Makes the forward of process ``rank`` fail at step ``step``: an ``exception``, or a ``non_finite`` loss."""
 
     def __init__(self, step: int, rank: int, kind: str = "exception") -> None:
         self.step, self.rank, self.kind = step, rank, kind

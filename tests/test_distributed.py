@@ -145,7 +145,7 @@ def test_the_two_process_runs_stay_within_budget(equivalence_runs):
 
 
 @pytest.mark.parametrize("kind, rank, error", [("exception", 1, "RuntimeError: injected failure"),
-                                               ("nan", 0, "TrainingDiverged: non-finite training loss")])
+                                               ("non_finite", 0, "TrainingDiverged: non-finite training loss")])
 def test_a_failure_on_one_process_stops_both_with_one_named_error(tmp_path, kind, rank, error):
     folder = tmp_path / "run"
     overrides = job("mixlora", folder, "trainer=ddp_cpu", "data.batch_size=4", "+callbacks.fail._target_=probes.FailAt",
@@ -157,7 +157,7 @@ def test_a_failure_on_one_process_stops_both_with_one_named_error(tmp_path, kind
     for result in ranks:
         assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
     results = json.loads((folder / "results.json").read_text())
-    assert results["status"] == "failed" and message in results["error"]
+    assert results["status"] == ("diverged" if kind == "non_finite" else "failed") and message in results["error"]
     assert message in (folder / "error.txt").read_text()
 
 
