@@ -20,6 +20,7 @@ import torch
 from moelab.adapters import registered_adapters
 from moelab.modules.bench import (
     DEFAULT_LAYERS,
+    DEFAULT_SEQ_LEN,
     SHAPES,
     ModelShape,
     TrainBench,
@@ -42,10 +43,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(m for m in registered_adapters() if m != "lora"),
                         help="comma-separated methods for the train-step benchmark (LoRA rows are always included)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default per shape: "
+                                                                    f"{DEFAULT_SEQ_LEN})")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
@@ -70,7 +72,8 @@ def main() -> int:
     for shape in shapes:
         layers = args.layers if args.layers is not None else DEFAULT_LAYERS[shape]
         if args.kind in ("train", "both"):
-            bench = TrainBench(ModelShape(shape, layers), args.batch_size, args.seq_len, args.rounds, args.warmup,
+            seq_len = args.seq_len or DEFAULT_SEQ_LEN[shape]
+            bench = TrainBench(ModelShape(shape, layers), args.batch_size, seq_len, args.rounds, args.warmup,
                                memory=not args.no_memory)
             result = train_step_benchmark(CONF, bench, [m for m in args.methods.split(",") if m], device, dtype)
             results.append(result)

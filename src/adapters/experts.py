@@ -23,13 +23,16 @@ the largest rank: the padded rows and columns contribute exactly nothing.
 **Grouped top-k** (``expert_compute: grouped``). When every token uses only k of the E experts, the dense
 path above still multiplies by every expert's B. The grouped path computes only the selected slots: the
 k·T routing slots are sorted by expert (:func:`slot_order`), each slot picks its expert's r columns of the
-down projection (``A`` stays one GEMM over all experts: at LoRA ranks it is the cheap factor), and one GEMM
-per expert maps its contiguous run of slots through its B (:func:`grouped_matmul`, a loop of ``torch.mm``
-into one output with its own backward, so that no per-expert outputs are concatenated). Moving rows into
-and out of the sorted order are gathers whose backward is again a gather (:func:`permute_rows`). The slot
-counts are read on the host once per call (the loop needs them): a synchronisation that costs nothing on a
-CPU and one small copy on a GPU. :meth:`LoraExperts.forward` (dense, masked) is the reference the tests
-compare the grouped path with, outputs and gradients.
+down projection (the A of every expert stays one GEMM on the input as it is, rather than k gathered copies
+of it; :meth:`LoraExperts.grouped_down` serves inputs that are per slot already, such as MixLoRA's W2), and
+one GEMM per expert maps its contiguous run of slots through its B (:func:`grouped_matmul`, a loop of
+``torch.mm`` into one output with its own backward, so that no per-expert outputs are concatenated). Moving
+rows into and out of the sorted order are gathers whose backward is again a gather (:func:`permute_rows`).
+The slot counts are read on the host once per call (the loop needs them): a synchronisation that costs
+nothing on a CPU and one small copy on a GPU, and the one departure from the no-sync rule above. (On
+SM90+ GPUs ``torch._grouped_mm`` could replace the loop for bf16; it is not wired in, for lack of a GPU to
+test it on.) :meth:`LoraExperts.forward` (dense, masked) is the reference the tests compare the grouped
+path with, outputs and gradients.
 
 **Shared dropout masks** (``lora_dropout_sharing``). ``per_module`` (PEFT's behaviour): every LoRA module
 draws its own mask. ``per_input``: modules that read the same tensor in one forward (q/k/v of an attention

@@ -51,6 +51,10 @@ Choices, each with its flag (defaults from methods.md's [R] table):
   ``g'_i = g_i / Σ_{j kept} g_j``; training always mixes all experts. :meth:`Mole.mask_experts` changes the
   set on an injected model, without retraining.
 
+Compute flags (composition.py): ``expert_compute`` matters only in stage ``hard``, where each token uses its
+task's expert alone (``grouped`` computes that expert's B only); the gate always mixes every expert.
+``lora_dropout_sharing: per_input`` lets q, k and v draw one dropout mask.
+
 Not mergeable: the gate depends on the input. Every gate site reports ``Routing(probs=g, selected=argmax g)``.
 """
 

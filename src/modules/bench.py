@@ -64,9 +64,10 @@ SHAPES = {
     "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000),
 }
-# Decoder layers built per shape by default: the large shapes are cut so that a CPU run of every variant fits
-# in minutes (None: all of them).
+# Per shape, the decoder layers built (None: all) and the tokens per sequence of the default run (batch 4): the
+# large shapes are cut so that a single-thread CPU run of every variant takes minutes, not hours.
 DEFAULT_LAYERS = {"tiny": None, "smollm2_135m": None, "llama3_2_3b": 1, "llama2_7b": 1}
+DEFAULT_SEQ_LEN = {"tiny": 128, "smollm2_135m": 128, "llama3_2_3b": 64, "llama2_7b": 64}
 REDUCED_VOCAB = 512  # the vocabulary of a model cut to a few layers (see the module docstring)
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_R16_ALL = {"target_modules": SEVEN, "r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
@@ -227,9 +228,16 @@ def train_variant_specs(conf_dir: Path, methods: list[str]) -> list[VariantSpec]
     return specs
 
 
+def shared_copy(base: nn.Module) -> nn.Module:
+    """A copy of ``base`` whose modules are new but whose (frozen) weights are ``base``'s own tensors: two dozen
+    variants of one model then cost one model's memory, not two dozen."""
+    memo = {id(tensor): tensor for tensor in [*base.parameters(), *base.buffers()]}
+    return copy.deepcopy(base, memo)
+
+
 def build_variant(spec: VariantSpec, base: nn.Module, device: torch.device) -> tuple[nn.Module, object]:
-    """A copy of ``base`` with the spec's adapter (the adapter object, or None), on ``device``."""
-    model = copy.deepcopy(base)
+    """A copy of ``base`` (sharing its frozen weights) with the spec's adapter (the adapter object, or None)."""
+    model = shared_copy(base)
     adapter = None
     if spec.kind == "adapter":
         adapter = inject(model, config_from_dict(spec.method, spec.values))
