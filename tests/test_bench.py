@@ -44,8 +44,11 @@ def test_train_step_benchmark_reports_every_method_against_lora(tiny_result):
 def test_fast_paths_are_checked_and_floors_counted_on_the_grouped_path(tiny_result):
     _, result = tiny_result
     variants = result["variants"]
-    for name in ("mixlora", "mor_per_linear", "lora_mixer:hard"):
-        grouped, dense = variants[name], variants[f"{name}[dense]"]
+    # the default row and its twin with the other expert_compute (MixLoRA groups by default, the others not)
+    pairs = [("mixlora", "mixlora[dense]"), ("mor_per_linear[grouped]", "mor_per_linear"),
+             ("lora_mixer:hard[grouped]", "lora_mixer:hard")]
+    for grouped_name, dense_name in pairs:
+        grouped, dense = variants[grouped_name], variants[dense_name]
         assert grouped["check"] and grouped["check_max_relative_error"] < 1e-5
         assert grouped["flop_floor"] == dense["flop_floor"] == grouped["flops_ratio"]
         assert dense["flops_ratio"] > grouped["flops_ratio"], "the dense path computes every expert"

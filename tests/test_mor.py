@@ -360,8 +360,9 @@ def test_per_linear_grouped_experts_equal_the_dense_reference():
 
 
 def test_mor_passes_its_compute_flags_to_the_host():
-    config = MorConfig(host="per_linear", expert_compute="dense", lora_dropout_sharing="per_input")
-    assert config.host_adapter_config().expert_compute == "dense"
+    assert PerLinearConfig().expert_compute == "dense"
+    config = MorConfig(host="per_linear", expert_compute="grouped", lora_dropout_sharing="per_input")
+    assert config.host_adapter_config().expert_compute == "grouped"
     assert config.host_adapter_config().lora_dropout_sharing == "per_input"
     with pytest.raises(AdapterConfigError, match="expert_compute: set it here or in host_config"):
         MorConfig(expert_compute="dense", host_config={"expert_compute": "grouped"})

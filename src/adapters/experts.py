@@ -72,8 +72,6 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
 
 EXPERT_COMPUTES = ("dense", "grouped")
 DROPOUT_SHARINGS = ("per_module", "per_input")
-# Which the benchmark measured faster at real shapes (README "Speed"); the dense path stays the reference.
-DEFAULT_EXPERT_COMPUTE = "grouped"
 
 
 def check_expert_compute(value: str) -> None:

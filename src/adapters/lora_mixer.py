@@ -43,9 +43,10 @@ Flags (methods.md's [R] table):
   LoRAs keep their own rank and scale.
 * Stages share the run's data mixture; the paper's soft stage used a separate 2k–4k routing set.
 
-Compute flags (composition.py): with ``expert_compute: grouped`` (default) stage ``hard`` and inference
-compute only the selected experts' B (the task's expert; the top-K); the dense soft stage mixes every expert
-either way. ``dense`` is the masked reference. ``lora_dropout_sharing: per_input`` lets q, k and v draw one
+Compute flags (composition.py): with ``expert_compute: grouped`` stage ``hard`` and inference compute only
+the selected experts' B (the task's expert; the top-K); the dense soft stage mixes every expert either way.
+``dense`` (default: with 3 experts the benchmark measured no difference beyond its noise) is the masked
+reference. ``lora_dropout_sharing: per_input`` lets q, k and v draw one
 dropout mask.
 
 Not mergeable: the routing weights depend on the input.

@@ -187,6 +187,15 @@ class VariantSpec:
             return False
         return "expert_compute" in {f.name for f in dataclasses.fields(registered_adapters()[self.method].config_class)}
 
+    def other_compute(self) -> VariantSpec:
+        """The same variant with the other ``expert_compute`` than its config's (``name[dense]`` of a grouped
+        default, ``name[grouped]`` of a dense one)."""
+        config = config_from_dict(self.method, self.values)
+        host = getattr(config, "host_adapter_config", None)
+        current = (host() if host else config).expert_compute
+        other = "dense" if current == "grouped" else "grouped"
+        return self.with_values(f"{self.name}[{other}]", expert_compute=other)
+
     def with_values(self, name: str, **changes) -> VariantSpec:
         return VariantSpec(name, self.kind, self.method, {**self.values, **changes}, self.stage)
 
@@ -207,7 +216,7 @@ def _skeleton() -> nn.Module:
 
 def train_variant_specs(conf_dir: Path, methods: list[str]) -> list[VariantSpec]:
     """Reference rows (base, LoRA r16 and its twins, LoRA r128, PEFT's LoRA r16) and every method in ``methods``
-    with its defaults; routed methods also with ``expert_compute: dense``, and shared dropout masks
+    with its defaults; routed methods also with the other ``expert_compute``, and shared dropout masks
     (``lora_dropout_sharing: per_input``) for every method that has dropout."""
     specs = [VariantSpec("base", "base"),
              VariantSpec(REFERENCE, "adapter", "lora", LORA_R16_ALL),
@@ -221,7 +230,7 @@ def train_variant_specs(conf_dir: Path, methods: list[str]) -> list[VariantSpec]
         for name, changes in hosts:
             own = _adapter_specs(conf_dir, method, name, **changes)
             specs += own
-            specs += [spec.with_values(f"{spec.name}[dense]", expert_compute="dense") for spec in own if spec.routed]
+            specs += [spec.other_compute() for spec in own if spec.routed]
             if method != "mor":
                 specs += [spec.with_values(f"{spec.name}[per_input]", lora_dropout_sharing="per_input")
                           for spec in own if spec.stage != "soft"]
