@@ -48,6 +48,8 @@ def test_cli_run_writes_results_with_lm_eval_scores(cli_run):
     assert results["data"]["tasks"]["tiny_parity"]["heldout"] == 20
     assert results["versions"]["torch"].startswith("2.13")
     assert "tuned (merged)" in stdout
+    assert results["metric"] == "auto" and results["metrics"] == dict.fromkeys(results["scores"], "acc")
+    assert results["memory"]["measure"] == "peak_rss" and results["memory"]["peak_mib"] > 0
 
 
 def test_a_run_logged_to_a_file_shows_phases_and_progress_lines(cli_run):
@@ -61,8 +63,6 @@ def test_a_run_logged_to_a_file_shows_phases_and_progress_lines(cli_run):
     assert not any(line.startswith(("Epoch ", "💡", "[20")) for line in lines), "no bar, tips or library INFO lines"
     log = (out / "train.log").read_text()
     assert all(line in log for line in lines if line.startswith("[moelab]")), "train.log holds every [moelab] line"
-    assert results["metric"] == "auto" and results["metrics"] == dict.fromkeys(results["scores"], "acc")
-    assert results["memory"]["measure"] == "peak_rss" and results["memory"]["peak_mib"] > 0
 
 
 def test_cli_run_keeps_per_example_predictions_of_base_and_tuned_model(cli_run):
