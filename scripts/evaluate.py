@@ -68,10 +68,12 @@ def main() -> int:
     report = {"label": adapter.label, "scored_as": scored_as, "protocol": protocol, "overridden": sorted(overrides),
               "scores": scores, "metrics": metrics, "mean": mean_score(scores, metrics)}
     (args.run_dir / "evaluation.json").write_text(json.dumps(report, indent=2))
-    for task, metrics in scores.items():
-        print(f"{task:<20} " + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
+    for task, values in scores.items():
+        print(f"{task:<20} " + "  ".join(f"{k} {100 * v:.2f}" for k, v in values.items()))
     label = metrics if isinstance(metrics, str) else metric_label(metrics)
-    print(f"{adapter.label} ({scored_as}): mean {label} {100 * report['mean']:.2f}")
+    mean = "n/a (no scored task has the run's headline metric)" if report["mean"] is None else \
+        f"{100 * report['mean']:.2f}"
+    print(f"{adapter.label} ({scored_as}): mean {label} {mean}")
     return 0
 
 
