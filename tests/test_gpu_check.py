@@ -3,6 +3,7 @@ is itself tested: every step passes and the summary JSON describes every method'
 
 import json
 import subprocess
+import sys
 
 from probes import ROOT, TEST_ENV
 
@@ -11,7 +12,8 @@ from moelab.adapters import registered_adapters
 
 def test_the_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     completed = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT,
-                               env={**TEST_ENV, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=900)
+                               env={**TEST_ENV, "OUT": str(tmp_path), "PYTHON": sys.executable}, capture_output=True,
+                               text=True, timeout=900)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(summary["steps"]) == {"tests", "methods", "ddp_one_device", "bench"}
