@@ -251,6 +251,8 @@ class Adapter:
     fidelity: ClassVar[str]
     # Why a non-mergeable method refuses to merge, completed into the error message.
     merge_refusal: ClassVar[str] = "its expert weights depend on the input"
+    # What the routing columns of a comparison mean for this method, when it is not a top-k router's choice.
+    routing_meaning: ClassVar[str | None] = None
     # The config field that sizes the method, scaled when a parameter budget is matched (budget=...).
     budget_field: ClassVar[str] = "r"
 

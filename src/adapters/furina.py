@@ -302,6 +302,10 @@ class FurinaLinear(AdapterLayer):
 class Furina(Adapter):
     name = "furina"
     config_class = FurinaConfig
+    routing_meaning = ("FURINA has no router: its \"routing\" is the share of each self-routing expert in the "
+                       "sum of the experts' output norms ‖v ⊙ Ŵ_j x‖ (its shared experts are not counted), with "
+                       "the top-k of those shares as the selected experts; it enters the expert-selection loss "
+                       "only, never the output.")
     placement = "linear"
     mergeable = True
     fidelity = "paper-equations"

@@ -229,6 +229,9 @@ class MoleGate(nn.Module):
 class Mole(ComposedAdapter):
     name = "mole"
     config_class = MoleConfig
+    routing_meaning = ("MoLE's gate is dense: every expert contributes with its gate weight; Entropy is that of the "
+                       "gate weights, and Load CV and Dead experts count the expert with the largest weight as the "
+                       "selected one.")
     merge_refusal = "its gates mix the LoRA experts with input-dependent weights"
     config: MoleConfig
 

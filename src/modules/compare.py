@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from moelab.adapters import registered_adapters
+
 from .comparison_figures import write_figures
 from .evaluation import metric_label, read_predictions
 from .plots import DPI, ROUTING_FILE, comparison_figure, read_routing
@@ -448,13 +450,6 @@ def paper_notes(rows: list[Row], papers: list[dict], tasks: list[str]) -> list[s
     return notes
 
 
-ROUTING_MEANING = {
-    "furina": "FURINA has no router: its \"routing\" is the share of each self-routing expert in the sum of the "
-              "experts' output norms ‖v ⊙ Ŵ_j x‖ (its shared experts are not counted), with the top-k of those "
-              "shares as the selected experts; it enters the expert-selection loss only, never the output.",
-    "mole": "MoLE's gate is dense: every expert contributes with its gate weight; Entropy is that of the gate "
-            "weights, and Load CV and Dead experts count the expert with the largest weight as the selected one.",
-}
 
 
 def column_notes(rows: list[Row], split: str, reference: Line | None, resampling: Resampling) -> list[str]:
@@ -485,7 +480,8 @@ def column_notes(rows: list[Row], split: str, reference: Line | None, resampling
                      "replicate, each method's own seeds) and the p-value of the paired-bootstrap test of no "
                      "difference, Holm-adjusted over the methods compared with the reference in that column; "
                      f"* marks an adjusted p below {SIGNIFICANCE}. Intervals are not adjusted.")
-    notes += [text for method, text in ROUTING_MEANING.items() if any(row.method == method for row in rows)]
+    notes += [text for method in sorted({row.method for row in rows})
+              if (text := getattr(registered_adapters().get(method), "routing_meaning", None))]
     return notes
 
 
