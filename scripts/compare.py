@@ -1,7 +1,7 @@
 """Compare the runs of a sweep: a paper-style table with confidence intervals and paired differences to a
 reference method (Markdown, CSV, LaTeX), learning curves, per-task accuracies and the expert maps.
 
-    python scripts/compare.py SWEEP_DIR [--out DIR] [--split heldout|train] [--reference lora]
+    python scripts/compare.py SWEEP_DIR [--out DIR] [--split dev|train] [--reference lora]
                               [--bootstrap 10000] [--bootstrap-seed 0] [--wandb [--wandb-online]] [--strict]
 
 Reads every results.json under SWEEP_DIR (a Hydra multirun folder, or any folder of run folders) and writes
@@ -25,8 +25,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: SWEEP_DIR)")
-    parser.add_argument("--split", choices=SPLITS, default="heldout",
-                        help="routing statistics of the held-out pass (default) or of the training run")
+    parser.add_argument("--split", choices=SPLITS, default="dev",
+                        help="routing statistics of the dev pass (default) or of the training run")
     parser.add_argument("--reference", default="lora",
                         help="the method (or a row's label) listed first and compared with every other row "
                              "(default: lora)")

@@ -1,11 +1,13 @@
-"""Score a saved adapter with lm-eval on the held-out examples of its run (or a subset of them).
+"""Score a saved adapter with lm-eval on the test (or dev) examples of its run, or a subset of them.
 
-    python scripts/evaluate.py RUN_DIR [--limit N] [--num-fewshot K] [--max-length L] [--batch-size B] [--unmerged]
+    python scripts/evaluate.py RUN_DIR [--split test|dev] [--limit N] [--num-fewshot K] [--max-length L]
+                               [--batch-size B] [--unmerged]
 
 By default the run's own eval protocol is used (``config.eval`` of RUN_DIR/results.json: limit, few-shot
 count, maximum length, batch size), so that the scores compare with the ones the run reported; each option
 overrides one setting. A folder without results.json (an adapter converted by scripts/convert_mixlora.py)
-gets the defaults of conf/eval/default.yaml. Prints the scores and writes RUN_DIR/evaluation.json.
+gets the defaults of conf/eval/default.yaml. Prints the scores and writes RUN_DIR/evaluation.json
+(evaluation_dev.json for dev).
 """
 
 import argparse
@@ -17,7 +19,7 @@ from omegaconf import OmegaConf
 
 from moelab.adapters import MergeError, merge_and_unload
 from moelab.modules.evaluation import lm_eval_scores, mean_score, metric_label
-from moelab.modules.runs import heldout_tasks, load_trained
+from moelab.modules.runs import load_trained, split_tasks
 
 EVAL_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml"
 # the lm_eval_scores arguments that change the scores (bootstrap_iters changes only the dropped stderr)
@@ -46,6 +48,8 @@ def run_metrics(run_dir: Path) -> dict[str, str] | str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--split", choices=("test", "dev"), default="test",
+                        help="the run's test examples (its reported scores) or its dev examples")
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: the run's)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the run's)")
     parser.add_argument("--max-length", type=int, default=None, help="context length (default: the run's)")
@@ -63,17 +67,19 @@ def main() -> int:
         except MergeError as error:
             print(f"[moelab] {error}", file=sys.stderr)
             return 1
-    scores = lm_eval_scores(model, base.tokenizer, heldout_tasks(args.run_dir), **protocol)
+    scores = lm_eval_scores(model, base.tokenizer, split_tasks(args.run_dir, args.split), **protocol)
     metrics = run_metrics(args.run_dir)
-    report = {"label": adapter.label, "scored_as": scored_as, "protocol": protocol, "overridden": sorted(overrides),
+    report = {"label": adapter.label, "split": args.split, "scored_as": scored_as, "protocol": protocol,
+              "overridden": sorted(overrides),
               "scores": scores, "metrics": metrics, "mean": mean_score(scores, metrics)}
-    (args.run_dir / "evaluation.json").write_text(json.dumps(report, indent=2))
+    name = "evaluation.json" if args.split == "test" else f"evaluation_{args.split}.json"
+    (args.run_dir / name).write_text(json.dumps(report, indent=2))
     for task, values in scores.items():
         print(f"{task:<20} " + "  ".join(f"{k} {100 * v:.2f}" for k, v in values.items()))
     label = metrics if isinstance(metrics, str) else metric_label(metrics)
     mean = "n/a (no scored task has the run's headline metric)" if report["mean"] is None else \
         f"{100 * report['mean']:.2f}"
-    print(f"{adapter.label} ({scored_as}): mean {label} {mean}")
+    print(f"{adapter.label} ({scored_as}, {args.split}): mean {label} {mean}")
     return 0
 
 

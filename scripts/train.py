@@ -28,9 +28,10 @@ OmegaConf.register_new_resolver("moelab_launch_time", launch_time, replace=True)
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Returns the mean held-out score, so that hyper-parameter sweepers can optimise it."""
+    """Returns the mean dev score (scored when eval.splits lists dev), so that hyper-parameter sweepers optimise
+    on dev and never on the test split the tables report."""
     try:
-        return run(cfg).get("mean")
+        return (run(cfg).get("dev") or {}).get("mean")
     except (ConfigError, TrainingDiverged) as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -4,12 +4,14 @@ published numbers and differences, the single-task protocol, variants, budgets, 
 import csv
 import json
 import os
+import runpy
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from test_plots import routed_stats
+from test_plots import routed_stats, stats_missing_beta
 
 from moelab.modules.compare import compare
 from moelab.modules.comparison_figures import read_curves, seed_band
@@ -38,16 +40,18 @@ def write_run(root, name, method, seed, scores, fidelity="official-code-parity",
                "label": f"{method} [{fidelity}]", "seed": seed, "model": "tiny_random", "model_identity": "tiny:1",
                "parameters": {"base": 100_000, "adapter": trainable, "trainable": trainable,
                               "trainable_share": trainable / 100_000},
-               "budget": budget, "data": {"tasks": {task: {"train": 60, "heldout": 20} for task in scores}},
+               "budget": budget, "data": {"tasks": {task: {"train": 60, "dev": 10, "test": 20} for task in scores}},
                "metric": "auto" if metrics else "acc", "metrics": metrics or dict.fromkeys(scores, "acc"),
                "scores": {task: {"acc": value, "acc_norm": value} for task, value in scores.items()},
                "base_scores": {"arc_easy": {"acc": 0.25, "acc_norm": 0.25}, "piqa": {"acc": 0.5, "acc_norm": 0.5}},
-               "routing": {"train": summary, "heldout": summary},
+               "routing": {"train": summary, "dev": summary},
                "config": {"trainer": {"max_steps": max_steps}, "data": {"batch_size": 8}, "paper": paper,
                           "module": {"optimizer": {"lr": lr}}}}
     if costs is not None:
         results["timings"] = {"train_s": costs[0], "tokens_per_s": costs[1]}
         results["memory"] = {"peak_mib": costs[2], "measure": "peak_rss"}
+        results["latency"] = {"prefill_ms": costs[0] / 10, "decode_ms_per_token": 2.0 * seed, "prompt_tokens": 128,
+                              "new_tokens": 16, "device": "cpu", "precision": "32-true"}
     (folder / "results.json").write_text(json.dumps(results))
     if correct is not None:
         write_predictions(folder, {"base": {task: records(BASE_CORRECT[task]) for task in correct},
@@ -60,7 +64,7 @@ def write_run(root, name, method, seed, scores, fidelity="official-code-parity",
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"seed={seed}", *overrides]))
     if routing is not None:
         torch.save({"tasks": list(scores), "method": results["label"], "train": routing.state_dict(),
-                    "heldout": routing.state_dict()}, folder / "routing.pt")
+                    "dev": routing.state_dict()}, folder / "routing.pt")
     return folder
 
 
@@ -71,6 +75,7 @@ def records(correct: list[int]) -> list[dict]:
 
 
 N = 60
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 BASE_CORRECT = {"arc_easy": [1] * 15 + [0] * 45, "piqa": [1] * 30 + [0] * 30}
 LORA = {0: (0.60, 0.70), 1: (0.64, 0.74), 2: (0.62, 0.78)}
 MIXLORA = {0: (0.70, 0.80), 1: (0.72, 0.82)}
@@ -269,7 +274,10 @@ def test_cost_columns_and_the_latex_table(paired_sweep):
     result = compare(paired_sweep, resampling=Resampling(200, 0))
     lora = table_rows(result.csv)["ours:lora"]
     assert float(lora["train_s"]) == pytest.approx(100.5) and float(lora["peak_mib"]) == 600.0
-    assert "| Train s | Tokens/s | Peak MiB |" in result.text and "Peak MiB: the process's peak resident" in result.text
+    assert "| Train s | Tokens/s | Peak MiB | Prefill ms | Decode ms/tok |" in result.text
+    assert "Peak MiB: the process's peak resident" in result.text
+    assert float(lora["prefill_ms"]) == pytest.approx(10.05) and float(lora["decode_ms"]) == pytest.approx(1.0)
+    assert "Latency: 128-token prompt, 16 new tokens, on cpu in 32-true" in result.text
     latex = result.latex.read_text()
     assert latex.count(r"\toprule") == latex.count(r"\midrule") == latex.count(r"\bottomrule") == 1
     assert r"arc\_easy (acc)" in latex and r"$\hookrightarrow$ $-$ lora" in latex
@@ -294,6 +302,17 @@ def test_routing_columns_say_what_routing_means_for_router_free_and_dense_gate_m
         write_run(tmp_path, method, method, 0, {"arc_easy": 0.5}, paper=None)
     text = compare(tmp_path).text
     assert "FURINA has no router" in text and "MoLE's gate is dense" in text
+
+
+def test_a_routing_pass_that_missed_a_task_is_warned_about(tmp_path, capsys, monkeypatch):
+    scores = {"alpha": 0.5, "beta": 0.6, "gamma": 0.7}
+    folder = write_run(tmp_path, "mixlora", "mixlora", 0, scores, paper=None, routing=stats_missing_beta())
+    write_run(tmp_path, "mor", "mor", 0, scores, paper=None, routing=routed_stats(tasks=3))
+    notes = [line for line in compare(tmp_path).text.splitlines() if "counted no tokens" in line]
+    assert len(notes) == 1 and "mixlora" in notes[0] and "tokens of beta" in notes[0]
+    monkeypatch.setattr("sys.argv", ["plot_expert_maps.py", str(folder)])
+    runpy.run_path(str(SCRIPTS / "plot_expert_maps.py"), run_name="not_main")["main"]()
+    assert "counted no tokens of beta" in capsys.readouterr().err
 
 
 def test_the_summary_wandb_run_holds_the_table_and_figures_offline(paired_sweep, tmp_path, monkeypatch):

@@ -90,7 +90,7 @@ def no_model_loading(monkeypatch):
     ("adapter.r=0", AdapterConfigError, r"r \(0\) must be a positive integer"),
     ("adapter.name=nope", AdapterConfigError, "unknown adapter 'nope'"),
     # an error raised by a _target_ (which Hydra wraps) comes out as the one-line ConfigError, naming the field
-    ("data.heldout_fraction=2", ConfigError, r"data.heldout_fraction \(2\) must be in \(0, 1\)"),
+    ("data.test_fraction=2", ConfigError, r"data.test_fraction \(2\) must be in \(0, 1\)"),
     ("data.tasks=[tiny_parity,typo_task]", ConfigError, "unknown task 'typo_task'"),
 ])
 def test_bad_values_fail_before_the_model_loads(override, error, message, tmp_path, no_model_loading):

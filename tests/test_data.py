@@ -1,5 +1,6 @@
 """The task-mixture data module: formats, splits, task ids, loss masks, malformed files."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -7,31 +8,81 @@ import torch
 from conftest import tiny_model
 
 from moelab.data import CATALOGUE, DataFormatError, TaskMixtureDataModule, load_examples, resolve_task
-from moelab.data.datamodule import prompt_and_answer
+from moelab.data.datamodule import interleaved, prompt_and_answer
+from moelab.data.tasks import HUB_CATALOGUE
 
 
 def datamodule(tmp_path, tasks=("tiny_arithmetic", "tiny_capitals", "tiny_parity"), **kwargs):
-    dm = TaskMixtureDataModule(list(tasks), **{"heldout_fraction": 0.25, "max_length": 64, "batch_size": 4, **kwargs})
+    dm = TaskMixtureDataModule(list(tasks), **{"test_fraction": 0.25, "dev_fraction": 0.125, "max_length": 64,
+                                               "batch_size": 4, **kwargs})
     dm.prepare_examples(tmp_path / "data")
     dm.set_tokenizer(tiny_model()[1])
     dm.setup()
     return dm
 
 
-def test_examples_carry_task_ids_and_the_split_is_deterministic(tmp_path):
+def queries(examples) -> set[str]:
+    return {example["query"] for _, example in examples}
+
+
+def test_three_disjoint_splits_by_a_recorded_deterministic_rule(tmp_path):
     dm = datamodule(tmp_path)
     again = datamodule(tmp_path / "again")
-    assert dm.heldout_examples == again.heldout_examples
+    assert dm.dev_examples == again.dev_examples and dm.train_examples == again.train_examples
     assert sorted({task for task, _ in dm.train_examples}) == [0, 1, 2]
+    test = {(task, line) for task, name in enumerate(dm.task_names)
+            for line in dm.files["test"][name].read_text().splitlines()}
     for name, report in dm.split_report.items():
         total = len(load_examples(CATALOGUE[name]))
-        assert report["train"] + report["heldout"] == total and report["heldout"] == round(0.25 * total)
-        assert "seed 0" in report["rule"]
-    train_queries = {e["query"] for _, e in dm.train_examples}
-    assert not train_queries & {e["query"] for _, e in dm.heldout_examples}, "held-out examples leak into train"
-    other_seed = TaskMixtureDataModule(["tiny_parity"], heldout_fraction=0.25, split_seed=1)
+        assert (report["train"], report["dev"], report["test"]) == (total - 30, 10, 20)
+        assert "seed 0" in report["rule"] and "test: the first 25% of them; dev: the next 12.5%" in report["rule"]
+    test_queries = {json.loads(line)["query"] for _, line in test}
+    assert len(test_queries) == 60 and len(queries(dm.dev_examples)) == 30
+    assert not queries(dm.train_examples) & test_queries, "test examples leak into train"
+    assert not queries(dm.train_examples) & queries(dm.dev_examples), "dev examples leak into train"
+    assert not queries(dm.dev_examples) & test_queries, "dev examples leak into test"
+    other_seed = TaskMixtureDataModule(["tiny_parity"], test_fraction=0.25, dev_fraction=0.125, split_seed=1)
     other_seed.prepare_examples(tmp_path / "seed1")
-    assert other_seed.heldout_examples != [(0, e) for t, e in dm.heldout_examples if t == 2]
+    assert other_seed.dev_examples != [(0, e) for t, e in dm.dev_examples if t == 2]
+
+
+def test_the_dev_pass_sees_the_tasks_in_turn_so_a_short_pass_covers_every_task(tmp_path):
+    dm = datamodule(tmp_path, eval_batch_size=12)
+    assert [task for task, _ in dm.dev_examples[:6]] == [0, 1, 2, 0, 1, 2]
+    first_batch = next(iter(dm.val_dataloader()))
+    assert first_batch["task_ids"].bincount(minlength=3).tolist() == [4, 4, 4]
+    uneven = interleaved([(0, {"i": i}) for i in range(4)] + [(1, {"i": i}) for i in range(2)])
+    assert [(task, example["i"]) for task, example in uneven] == [(0, 0), (1, 0), (0, 1), (0, 2), (1, 1), (0, 3)]
+
+
+def test_a_task_with_its_own_dev_and_test_files_uses_them(tmp_path):
+    rows = {split: [{"query": f"{split} {i}?", "choices": ["a", "b"], "gold": i % 2} for i in range(n)]
+            for split, n in (("train", 40), ("dev", 3), ("test", 5))}
+    paths = {}
+    for split, examples in rows.items():
+        paths[split] = tmp_path / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(row) + "\n" for row in examples))
+    own = {"name": "own", "format": "normalized", "source": "jsonl", "path": str(paths["train"])}
+    dm = TaskMixtureDataModule([{**own, "dev_path": str(paths["dev"]), "test_path": str(paths["test"])}])
+    dm.prepare_examples(tmp_path / "out")
+    assert {split: dm.split_report["own"][split] for split in ("train", "dev", "test")} == \
+        {"train": 40, "dev": 3, "test": 5}
+    assert queries(dm.dev_examples) == {f"dev {i}?" for i in range(3)}
+    assert "dev: the task's own dev split" in dm.split_report["own"]["rule"]
+    test_only = TaskMixtureDataModule([{**own, "test_path": str(paths["test"])}], dev_fraction=0.1)
+    test_only.prepare_examples(tmp_path / "test-only")
+    report = test_only.split_report["own"]
+    assert (report["train"], report["dev"], report["test"]) == (36, 4, 5), "dev carved from train when missing"
+    assert "dev: the first 10% of them" in report["rule"]
+
+
+def test_the_hub_catalogue_names_official_splits():
+    for name in ("arc_easy", "openbookqa", "sciq"):
+        spec = HUB_CATALOGUE[name]
+        assert (spec.train_split, spec.dev_split, spec.test_split) == ("train", "validation", "test")
+    for name in ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "commonsense_qa"):
+        spec = HUB_CATALOGUE[name]
+        assert spec.test_split == "validation" and not spec.has_own("dev"), "no labelled test: dev from train"
 
 
 def test_batches_mask_prompt_and_padding(tmp_path):
@@ -107,7 +158,9 @@ def test_malformed_file_names_file_and_line(tmp_path):
 @pytest.mark.parametrize("kwargs,message", [
     ({"tasks": ["no_such_task"]}, "unknown task 'no_such_task'"),
     ({"tasks": ["tiny_parity", "tiny_parity"]}, "lists a task twice"),
-    ({"tasks": ["tiny_parity"], "heldout_fraction": 1.5}, "heldout_fraction"),
+    ({"tasks": ["tiny_parity"], "test_fraction": 1.5}, "test_fraction"),
+    ({"tasks": ["tiny_parity"], "test_fraction": 0.6, "dev_fraction": 0.4}, r"test_fraction \+ data.dev_fraction"),
+    ({"tasks": ["tiny_parity"], "max_dev_examples": 0}, "max_dev_examples"),
     ({"tasks": ["tiny_parity"], "batch_size": 0}, "batch_size"),
     ({"tasks": [{"name": "x", "format": "nope", "source": "jsonl", "path": "x"}]}, "format 'nope'"),
 ])
@@ -139,13 +192,15 @@ def test_prompts_match_the_stock_lm_eval_templates():
     assert wino["continuation"] == "always got the easier cases."
 
 
-def test_lm_eval_configs_point_at_the_heldout_files(tmp_path):
-    dm = TaskMixtureDataModule(["tiny_parity", "winogrande"], max_heldout_examples=5)
+def test_lm_eval_configs_point_at_the_split_files(tmp_path):
+    dm = TaskMixtureDataModule(["tiny_parity", "winogrande"], max_test_examples=5, max_dev_examples=3)
     dm.prepare_examples(tmp_path)
     configs = {c["task"]: c for c in dm.lm_eval_tasks()}
     assert set(configs) == {"moelab_tiny_parity", "moelab_winogrande"}
     path = configs["moelab_tiny_parity"]["dataset_kwargs"]["data_files"]["test"]
-    assert len(Path(path).read_text().splitlines()) == 5
+    assert Path(path).name == "tiny_parity.test.jsonl" and len(Path(path).read_text().splitlines()) == 5
+    dev = {c["task"]: c for c in dm.lm_eval_tasks("dev")}["moelab_tiny_parity"]["dataset_kwargs"]["data_files"]
+    assert Path(dev["test"]).name == "tiny_parity.dev.jsonl" and len(Path(dev["test"]).read_text().splitlines()) == 3
     assert configs["moelab_tiny_parity"]["doc_to_choice"] == "{{choices}}"
     assert configs["moelab_winogrande"]["doc_to_choice"] == "{{contexts}}"
 

@@ -97,7 +97,7 @@ def assert_same_adapter(folder, reference) -> None:
 
 def assert_same_routing(folder, reference) -> None:
     ours, theirs = torch.load(folder / "routing.pt"), torch.load(reference / "routing.pt")
-    for split in ("train", "heldout"):
+    for split in ("train", "dev"):
         for name, value in theirs[split]["sums"].items():
             if name in ("tokens", "slots", "load"):  # counts: every real token once, no padded duplicates
                 assert torch.equal(ours[split]["sums"][name], value), f"{folder.name} {split} {name}"
@@ -171,20 +171,20 @@ def test_lightning_launcher_runs_a_staged_method_with_scores_from_process_zero(t
     results = json.loads((folder / "results.json").read_text())
     assert results["status"] == "ok" and results["timings"]["train_steps"] == 4
     assert results["scoring"] == {"device": "cpu", "precision": "32-true", "parameter_dtype": "torch.float32"}
-    heldout = torch.load(folder / "routing.pt")["heldout"]["sums"]["tokens"]  # [site, task]
-    assert (heldout == heldout[0]).all(), "every routing site counts the same tokens"
-    assert heldout[0].sum() == heldout_tokens(tmp_path), "every held-out token counted once, no padded duplicates"
+    dev = torch.load(folder / "routing.pt")["dev"]["sums"]["tokens"]  # [site, task]
+    assert (dev == dev[0]).all(), "every routing site counts the same tokens"
+    assert dev[0].sum() == dev_tokens(tmp_path), "every dev token counted once, no padded duplicates"
 
 
-def heldout_tokens(folder) -> int:
+def dev_tokens(folder) -> int:
     from hydra.utils import instantiate
 
     cfg = compose_config("model=tiny_random", "data=tiny")
     data = instantiate(cfg.data)
-    data.prepare_examples(folder / "heldout-count")
+    data.prepare_examples(folder / "dev-count")
     data.set_tokenizer(instantiate(cfg.model).tokenizer)
     data.setup()
-    return sum(len(item["input_ids"]) for item in data.heldout_items)
+    return sum(len(item["input_ids"]) for item in data.dev_items)
 
 
 def test_torchrun_runs_one_job_in_one_folder(tmp_path):

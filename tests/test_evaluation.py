@@ -20,14 +20,14 @@ from moelab.modules.evaluation import (
 from moelab.modules.models import _identity
 
 
-def heldout_task(tmp_path) -> dict:
-    data = tmp_path / "task.heldout.jsonl"
+def split_task(tmp_path) -> dict:
+    data = tmp_path / "task.test.jsonl"
     data.write_text('{"question": "1+1=", "answer": "2"}\n')
     return {"task": "moelab_task", "dataset_kwargs": {"data_files": {"test": str(data)}}}
 
 
 def test_base_score_key_changes_with_every_setting_that_changes_scores(tmp_path):
-    tasks = [heldout_task(tmp_path)]
+    tasks = [split_task(tmp_path)]
     key = base_score_key("tiny:1", tasks, None, 0, max_length=None, batch_size=16)
     assert base_score_key("tiny:1", tasks, None, 0, max_length=None, batch_size=16) == key
     assert base_score_key("tiny:1", tasks, None, 0, max_length=64, batch_size=16) != key, "truncation"

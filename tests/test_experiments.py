@@ -70,7 +70,7 @@ def test_experiment_smoke_run(experiment, tmp_path, tmp_path_factory):
     budget += ["top_layers=[1]"] if "top_layers" in composed else []  # the tiny model has two layers
     cfg = compose_config(f"experiment={experiment}", f"adapter={option}", "model=tiny_random", "data=tiny",
                          f"data.tasks=[{','.join(tasks)}]", "trainer=default", "trainer.max_steps=2", "eval.limit=4",
-                         "data.max_heldout_examples=4", *budget, "logger=csv", f"paths.output_dir={tmp_path}",
+                         "data.max_test_examples=4", *budget, "logger=csv", f"paths.output_dir={tmp_path}",
                          f"paths.cache_dir={tmp_path_factory.getbasetemp() / 'experiment-cache'}")
     results = run(cfg)
     assert results["status"] == "ok" and results["method"] == method

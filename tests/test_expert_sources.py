@@ -358,4 +358,4 @@ def test_training_with_experts_loaded_from_folders(method, extra, folders, tmp_p
     assert results["timings"]["train_steps"] == 3 and results["scored_as"] == "unmerged"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["fidelity"] == "reconstruction" and 0 <= saved["routing"]["train"]["routing/entropy"] <= 1
-    assert saved["routing"]["heldout"]["routing/dead_experts"] >= 0
+    assert saved["routing"]["dev"]["routing/dead_experts"] >= 0

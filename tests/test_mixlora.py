@@ -535,10 +535,10 @@ def test_unknown_ffn_module_names_the_field():
 def test_training_run_records_routing(tmp_path):
     # lm-eval is covered by test_training; here the run must train, validate and fill results.json's routing
     run(compose_config("model=tiny_random", "data=tiny", "adapter=mixlora", "trainer.max_steps=3", "logger=csv",
-                       "callbacks=none", "eval.enabled=false", "data.max_heldout_examples=4",
+                       "callbacks=none", "eval.enabled=false", "data.max_test_examples=4",
                        f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["label"] == "mixlora [official-code-parity]" and results["mergeable"] is False
     assert "routing/model.layers.1.mlp/entropy" in results["routing"]["train"]
-    assert 0 < results["routing"]["heldout"]["routing/entropy"] <= 1
+    assert 0 < results["routing"]["dev"]["routing/entropy"] <= 1
     assert results["parameters"]["trainable"] == 2 * (4 * 16 * 128 + 8 * 3 * 16 * (64 + 128) + 8 * 64)

@@ -331,13 +331,13 @@ def test_bad_values_name_the_field(values, message):
 def test_training_run_with_mor(tmp_path, overrides):
     # lm-eval is covered by test_training; here the run must train, validate and record routing
     cfg = compose_config("model=tiny_random", "data=tiny", "adapter=mor", "trainer.max_steps=3", "logger=csv",
-                         "callbacks=none", "eval.enabled=false", "data.max_heldout_examples=4",
+                         "callbacks=none", "eval.enabled=false", "data.max_test_examples=4",
                          f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}", *overrides)
     results = run(cfg)
     saved = json.loads((tmp_path / "results.json").read_text())
     host = overrides[0].split("=")[1] if overrides else "mixlora"
     assert saved["status"] == "ok" and saved["label"] == f"mor/{host} [reconstruction]"
-    assert results["routing"]["train"]["routing/entropy"] > 0 and results["routing"]["heldout"]
+    assert results["routing"]["train"]["routing/entropy"] > 0 and results["routing"]["dev"]
 
 
 def test_per_linear_grouped_experts_equal_the_dense_reference():

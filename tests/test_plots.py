@@ -17,6 +17,7 @@ from moelab.modules.plots import (
     layer_of,
     panel_size,
     short_names,
+    tasks_without_data,
     write_expert_maps,
 )
 
@@ -73,13 +74,43 @@ def test_a_figure_has_a_panel_per_task_and_a_difference_row():
     assert panels[0].get_images()[0].get_array().shape == (2, 4), "layer × expert"
     per_site = expert_map_figure(routed_stats(), TASKS, "x", "importance", "train", per_site=True)
     assert heatmaps(per_site)[0].get_images()[0].get_array().shape == (3, 4), "site × expert"
-    single = expert_map_figure(routed_stats(tasks=1), ["alpha"], "x", "load", "heldout")
+    single = expert_map_figure(routed_stats(tasks=1), ["alpha"], "x", "load", "dev")
     assert len(heatmaps(single)) == 1, "one task: nothing to difference"
+
+
+def stats_missing_beta() -> RoutingStatistics:
+    """Three tasks, top-1 at every site: alpha's 2 tokens go to expert 0, gamma's 2 to expert 1, beta has none
+    (a dev pass cut short before it reached beta)."""
+    stats = RoutingStatistics(3)
+    probs = torch.full((4, 4), 0.25)
+    selected = torch.tensor([[0], [0], [1], [1]])
+    stats.update([(site, Routing(probs, selected)) for site in SITES], torch.ones(4, dtype=torch.bool),
+                 torch.tensor([0, 0, 2, 2]))
+    return stats
+
+
+def test_a_task_without_tokens_is_drawn_as_no_data_not_as_zero_load():
+    stats = stats_missing_beta()
+    assert tasks_without_data(stats, TASKS) == ["beta"]
+    assert tasks_without_data(RoutingStatistics(3), TASKS) == [], "a method that does not route lacks nothing"
+    figure = expert_map_figure(stats, TASKS, "x", "load", "dev")
+    panels = heatmaps(figure)
+    assert [panel.get_title() for panel in panels] == ["alpha", "gamma", "alpha − mean of tasks",
+                                                       "gamma − mean of tasks"]
+    no_data = [axis for axis in figure.axes if any("no data" in text.get_text() for text in axis.texts)]
+    assert [axis.get_title() for axis in no_data] == ["beta", "beta"] and not any(axis.images for axis in no_data)
+    # the mean of tasks is over alpha and gamma only: alpha's layer-1 deviation is +0.5 on expert 0, not +2/3
+    alpha_deviation = panels[2].get_images()[0].get_array()
+    assert alpha_deviation[1].tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0])
+    empty = RoutingStatistics.from_state_dict({**stats.state_dict(), "num_tasks": 3})
+    empty.sums["tokens"].zero_()
+    with pytest.raises(ValueError, match="no tokens of any task"):
+        expert_map_figure(empty, TASKS, "x", "load", "dev")
 
 
 def save_routing(folder, stats: RoutingStatistics, label="mixlora [official-code-parity]", tasks=TASKS):
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"tasks": tasks, "method": label, "train": stats.state_dict(), "heldout": stats.state_dict()},
+    torch.save({"tasks": tasks, "method": label, "train": stats.state_dict(), "dev": stats.state_dict()},
                folder / "routing.pt")
     return folder
 
@@ -87,7 +118,7 @@ def save_routing(folder, stats: RoutingStatistics, label="mixlora [official-code
 def test_pngs_are_written_per_kind_with_the_figure_size(tmp_path):
     run = save_routing(tmp_path / "run", routed_stats())
     paths = write_expert_maps(run)
-    assert [p.name for p in paths] == ["expert_map_load_heldout.png", "expert_map_importance_heldout.png"]
+    assert [p.name for p in paths] == ["expert_map_load_dev.png", "expert_map_importance_dev.png"]
     width, height = panel_size(2, 4)
     image = matplotlib.image.imread(paths[0])
     assert image.shape[:2] == (round(2 * height * DPI), round(len(TASKS) * width * DPI))
@@ -108,11 +139,11 @@ def test_a_method_that_does_not_route_gets_no_maps(tmp_path):
 
 def test_the_comparison_figure_pools_seeds_and_skips_methods_without_routing():
     figure = comparison_figure([("mixlora", [routed_stats(), routed_stats()]), ("lora", [RoutingStatistics(3)]),
-                                ("furina", [routed_stats(num_experts=7)])], "heldout")
+                                ("furina", [routed_stats(num_experts=7)])], "dev")
     panels = heatmaps(figure)
     assert len(panels) == 4, "two routed methods × load, importance"
     assert panels[1].get_images()[0].get_array().shape == (2, 7)
-    assert comparison_figure([("lora", [RoutingStatistics(3)])], "heldout") is None
+    assert comparison_figure([("lora", [RoutingStatistics(3)])], "dev") is None
 
 
 # -- the W&B callback ----------------------------------------------------------------------------------

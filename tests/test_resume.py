@@ -72,7 +72,7 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, cache, method):
         load_file(str(uninterrupted / "adapter" / "adapter_model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), "adapter tensors"
     routing, reference = torch.load(folder / "routing.pt"), torch.load(uninterrupted / "routing.pt")
-    for split in ("train", "heldout"):
+    for split in ("train", "dev"):
         assert all(torch.equal(routing[split]["sums"][k], v) for k, v in reference[split]["sums"].items()), split
     for key in ("scores", "validation", "mean"):
         assert resumed[key] == expected[key], key

@@ -23,7 +23,7 @@ from moelab.adapters import registered_adapters
 
 ENV = {**os.environ, "WANDB_MODE": "offline"}
 TINY = ["model=tiny_random", "data=tiny", "data.tasks=[tiny_arithmetic,tiny_capitals,tiny_parity]",
-        "data.max_heldout_examples=4", "trainer.max_steps=2", "eval.limit=4"]
+        "data.max_test_examples=4", "trainer.max_steps=2", "eval.limit=4"]
 METHODS = sorted(registered_adapters())
 needs_sweep_extra = pytest.mark.skipif(
     not all(importlib.util.find_spec(f"hydra_plugins.{name}") for name in
@@ -138,8 +138,8 @@ def test_compare_and_plot_scripts_read_the_sweep(demo_sweep, monkeypatch, capsys
 
     routed = [jobs[f"ok:{m}-seed0"] for m in METHODS if routes(jobs[f"ok:{m}-seed0"])]
     run_script("plot_expert_maps.py", str(routed[0]), str(jobs["ok:lora-seed0"]), monkeypatch=monkeypatch)
-    assert sorted(p.name for p in (routed[0] / "plots").iterdir()) == ["expert_map_importance_heldout.png",
-                                                                       "expert_map_load_heldout.png"]
+    assert sorted(p.name for p in (routed[0] / "plots").iterdir()) == ["expert_map_importance_dev.png",
+                                                                       "expert_map_load_dev.png"]
     assert "does not route" in capsys.readouterr().out
 
 
@@ -152,10 +152,17 @@ def test_optuna_with_sqlite_runs_trials_in_parallel_workers_with_one_thread_each
     trials = [json.loads(path.read_text()) for path in sorted((tmp_path / "sweep").glob("*/results.json"))]
     assert len(trials) == 2 and all(trial["timings"]["torch_threads"] == 1 for trial in trials)
     assert {trial["config"]["module"]["optimizer"]["lr"] for trial in trials} != {2.0e-4}, "the sampler chose"
+    assert all(trial["scored_splits"] == ["dev"] and trial["scores"] == {} for trial in trials), "test untouched"
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
-    assert best["best_value"] == max(trial["mean"] for trial in trials)
+    assert best["best_value"] == max(trial["dev"]["mean"] for trial in trials)
     with sqlite3.connect(storage) as db:
         assert db.execute("select state from trials").fetchall() == [("COMPLETE",), ("COMPLETE",)]
+
+
+@needs_sweep_extra
+def test_a_search_whose_objective_would_read_the_test_split_is_refused(tmp_path):
+    completed = train("hparams_search=optuna", "eval.splits=[test]", *TINY, f"hydra.sweep.dir={tmp_path}", status=2)
+    assert "eval.splits must list dev" in completed.stderr and not list(tmp_path.glob("*/results.json"))
 
 
 @needs_sweep_extra

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from moelab.adapters.lora import Lora, LoraConfig, LoraLinear
 from moelab.adapters.routing import RoutingStatistics
 from moelab.modules.errors import TrainingDiverged
 from moelab.modules.evaluation import lm_eval_scores, read_predictions
-from moelab.modules.runs import heldout_tasks, load_trained
+from moelab.modules.runs import load_trained, split_tasks
 from moelab.modules.training import run
 
 TINY_RUN = ("model=tiny_random", "data=tiny", "adapter=lora", "trainer.max_steps=5")
@@ -45,11 +46,38 @@ def test_cli_run_writes_results_with_lm_eval_scores(cli_run):
     assert set(results["base_scores"]) == set(results["scores"]) and results["scored_as"] == "merged"
     assert results["parameters"]["trainable"] == 2 * 2 * 8 * (64 + 64)  # q,v × 2 layers × r(64+64)
     assert results["timings"]["train_steps"] == 5 and results["timings"]["tokens_per_s"] > 0
-    assert results["data"]["tasks"]["tiny_parity"]["heldout"] == 20
+    split_sizes = results["data"]["tasks"]["tiny_parity"]
+    assert (split_sizes["train"], split_sizes["dev"], split_sizes["test"]) == (50, 10, 20)
     assert results["versions"]["torch"].startswith("2.13")
     assert "tuned (merged)" in stdout
     assert results["metric"] == "auto" and results["metrics"] == dict.fromkeys(results["scores"], "acc")
     assert results["memory"]["measure"] == "peak_rss" and results["memory"]["peak_mib"] > 0
+    latency = results["latency"]
+    assert latency["model"] == "merged" and latency["prefill_ms"] > 0 and latency["decode_ms_per_token"] > 0
+    assert (latency["prompt_tokens"], latency["new_tokens"], latency["device"]) == (128, 16, "cpu")
+
+
+def test_a_dev_only_run_scores_dev_and_never_reads_the_test_split(tmp_path, monkeypatch):
+    """What each trial of a hyper-parameter search does: lm-eval on the dev files only, whose mean the entry
+    point returns; the test files are written but no model is scored on them."""
+    import moelab.modules.training as training
+
+    scored_files = []
+    real_scores = training.Scoring.scores
+
+    def recording(self, model, tokenizer, tasks):
+        scored_files.extend(Path(task["dataset_kwargs"]["data_files"]["test"]).name for task in tasks)
+        return real_scores(self, model, tokenizer, tasks)
+
+    monkeypatch.setattr(training.Scoring, "scores", recording)
+    results = run(compose_config("model=tiny_random", "data=tiny", "adapter=lora", "trainer.max_steps=2",
+                                 "eval.splits=[dev]", "logger=csv", "callbacks=none", f"paths.output_dir={tmp_path}",
+                                 f"paths.cache_dir={tmp_path / 'cache'}"))
+    assert scored_files and all(name.endswith(".dev.jsonl") for name in scored_files)
+    assert results["scores"] == {} and results["mean"] is None and results["scored_splits"] == ["dev"]
+    assert set(results["dev"]["scores"]) == set(results["dev"]["base_scores"]) == set(results["metrics"])
+    assert results["dev"]["mean"] == pytest.approx(sum(v["acc"] for v in results["dev"]["scores"].values()) / 3)
+    assert not (tmp_path / "predictions" / "tuned").exists(), "per-example records are the test split's"
 
 
 def test_a_run_logged_to_a_file_shows_phases_and_progress_lines(cli_run):
@@ -57,8 +85,8 @@ def test_a_run_logged_to_a_file_shows_phases_and_progress_lines(cli_run):
     out, stdout = cli_run
     lines = stdout.splitlines()
     assert any(line.startswith("[moelab] step 5/5 · loss ") and "tokens/s" in line for line in lines)
-    for phase in ("loading tiny_random", "scoring the base model", "training: 5 steps", "held-out pass",
-                  "scoring the trained model (merged"):
+    for phase in ("loading tiny_random", "scoring the base model on test", "training: 5 steps", "dev pass",
+                  "scoring the trained model on test (merged"):
         assert any(line.startswith(f"[moelab] ── {phase}") for line in lines), phase
     assert not any(line.startswith(("Epoch ", "💡", "[20")) for line in lines), "no bar, tips or library INFO lines"
     log = (out / "train.log").read_text()
@@ -72,7 +100,7 @@ def test_cli_run_keeps_per_example_predictions_of_base_and_tuned_model(cli_run):
         predictions = read_predictions(out, model)
         assert set(predictions) == set(scores)
         for task, records in predictions.items():
-            assert [record["doc_id"] for record in records] == list(range(results["data"]["tasks"][task]["heldout"]))
+            assert [record["doc_id"] for record in records] == list(range(results["data"]["tasks"][task]["test"]))
             for metric in ("acc", "acc_norm"):
                 assert sum(record[metric] for record in records) / len(records) == pytest.approx(scores[task][metric])
             assert all(record["acc"] == (record["choice"] == record["gold"]) for record in records)
@@ -94,7 +122,7 @@ def test_a_saved_run_reloads_and_scores_the_same(cli_run):
     out, _ = cli_run
     results = json.loads((out / "results.json").read_text())
     base, adapter = load_trained(out)
-    scores = lm_eval_scores(merge_and_unload(base.model), base.tokenizer, heldout_tasks(out))
+    scores = lm_eval_scores(merge_and_unload(base.model), base.tokenizer, split_tasks(out))
     assert scores == results["scores"]
 
 
@@ -210,7 +238,7 @@ def test_training_routing_statistics_describe_the_last_stage_only(tmp_path):
 @pytest.mark.slow
 def test_smollm2_smoke_run(tmp_path):
     cfg = compose_config("model=smollm2_135m", "data=commonsense", "data.tasks=[arc_easy,piqa]",
-                         "data.max_train_examples=16", "data.max_heldout_examples=10", "data.batch_size=4",
+                         "data.max_train_examples=16", "data.max_test_examples=10", "data.batch_size=4",
                          "trainer.max_steps=3", "eval.limit=10", "logger=csv", "callbacks=none",
                          f"paths.output_dir={tmp_path}")
     results = run(cfg)

@@ -34,7 +34,7 @@ the forward's own down projection: in training the activations see the same drop
 with ``lora_dropout > 0`` they are ``‖v ⊙ Ŵ_j dropout(x)‖₂`` (the paper does not say which; reusing ``h`` costs
 no second pass over x, and eval has no dropout). ``unscaled`` reuses the forward's ``d_j`` as well. They
 feed the loss and the routing statistics only and never the output. They are computed in training, and in
-eval mode only when the trainer has set a token mask for these tokens (held-out routing statistics);
+eval mode only when the trainer has set a token mask for these tokens (dev routing statistics);
 a plain eval forward (lm-eval, latency) costs the adapter matmuls and nothing more. Every such forward
 exposes ``Routing(probs=q, selected=top)``, so FURINA shares the metrics and activation-map path of the
 routed methods; for that record the mass ``1 − Σ_j q_j`` withheld by the 1e-9 guard (all of it while

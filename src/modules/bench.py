@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moelab.adapters import config_from_dict, count_parameters, inject, merge_and_unload, registered_adapters
 from moelab.adapters.base import LLAMA_PROJECTIONS
+from moelab.modules.latency import decode_step, prefill_step, synchronize
 
 # Real architectures' shapes (random weights: timing needs no trained values).
 SHAPES = {
@@ -128,20 +129,15 @@ def default_adapter_values(conf_dir: Path, method: str) -> dict:
     return values
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_rounds(variants: list[Variant], rounds: int, warmup: int, device: torch.device) -> None:
     for round_index in range(warmup + rounds):
         for variant in variants:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            _synchronize(device)
+            synchronize(device)
             started = time.perf_counter()
             own_timing = variant.step()
-            _synchronize(device)
+            synchronize(device)
             if round_index >= warmup:
                 variant.seconds.append(own_timing if own_timing is not None else time.perf_counter() - started)
                 if device.type == "cuda":
@@ -504,27 +500,6 @@ def _add_memory(figures: dict, bench: TrainBench, conf_dir: Path, methods: list[
 # -- inference latency ----------------------------------------------------------------------------------
 
 
-def _prefill(model: nn.Module, prompt: torch.Tensor) -> Callable[[], None]:
-    def step() -> None:
-        with torch.no_grad():
-            model(input_ids=prompt, use_cache=False)
-    return step
-
-
-def _decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> Callable[[], float]:
-    def step() -> float:
-        with torch.no_grad():
-            output = model(input_ids=prompt, use_cache=True)
-            _synchronize(device)
-            started = time.perf_counter()
-            for _ in range(new_tokens):
-                token = output.logits[:, -1:].argmax(-1)
-                output = model(input_ids=token, past_key_values=output.past_key_values, use_cache=True)
-            _synchronize(device)
-            return (time.perf_counter() - started) / new_tokens
-    return step
-
-
 def latency_variants(conf_dir: Path, base: nn.Module) -> list[tuple[str, nn.Module]]:
     """The models whose latency is compared: base, its copy, merged LoRA r16, then every other registered
     method with its default config, named ``<method>`` unmerged and ``<method>_merged`` when it can merge.
@@ -561,8 +536,8 @@ def latency_benchmark(conf_dir: Path, shape: str, prompt_len: int, new_tokens: i
     prompt = torch.randint(4, base.config.vocab_size, (1, prompt_len),
                            generator=torch.Generator().manual_seed(0)).to(device)
     models = [(name, model.to(device).eval()) for name, model in latency_variants(conf_dir, base)]
-    prefill = [Variant(name, model, _prefill(model, prompt)) for name, model in models]
-    decode = [Variant(name, model, _decode(model, prompt, new_tokens, device)) for name, model in models]
+    prefill = [Variant(name, model, prefill_step(model, prompt)) for name, model in models]
+    decode = [Variant(name, model, decode_step(model, prompt, new_tokens, device)) for name, model in models]
     _timed_rounds(prefill, rounds, warmup, device)
     _timed_rounds(decode, rounds, warmup, device)
     return {"kind": "latency", "shape": shape, "batch_size": 1, "prompt_len": prompt_len, "new_tokens": new_tokens,

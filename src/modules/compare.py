@@ -17,7 +17,7 @@ run per task and seed, as in the single-task paper tables) a method's runs fill 
 row. Paired differences carry their interval and a paired-bootstrap p-value, Holm-adjusted over the
 methods compared in a column. Also: trainable parameters and their share of the base model, the size a
 parameter budget chose, costs (train time, train tokens/s, peak memory), and routing statistics of the
-held-out pass (normalised entropy, coefficient of variation of the load, dead experts), averaged over
+dev pass (normalised entropy, coefficient of variation of the load, dead experts), averaged over
 seeds. The table's "Columns" notes define each of them.
 
 Published numbers come from the ``paper:`` block the runs' experiment config carries (conf/experiment/):
@@ -43,14 +43,15 @@ from moelab.adapters import registered_adapters
 
 from .comparison_figures import write_figures
 from .evaluation import metric_label, read_predictions
-from .plots import DPI, ROUTING_FILE, comparison_figure, read_routing
+from .plots import DPI, ROUTING_FILE, comparison_figure, read_routing, tasks_without_data
 from .significance import Evidence, Interval, Resampling, holm
 from .training import RESULTS_FILE
 
 ROUTING_COLUMNS = {"entropy": "routing/entropy", "load_cv": "routing/load_cv", "dead_experts": "routing/dead_experts"}
-# cost columns: (name, header, path in results.json)
-COST_COLUMNS = (("train_s", "Train s", "timings.train_s"), ("tokens_per_s", "Tokens/s", "timings.tokens_per_s"),
-                ("peak_mib", "Peak MiB", "memory.peak_mib"))
+# cost columns: (name, header, path in results.json, decimals shown)
+COST_COLUMNS = (("train_s", "Train s", "timings.train_s", 1), ("tokens_per_s", "Tokens/s", "timings.tokens_per_s", 0),
+                ("peak_mib", "Peak MiB", "memory.peak_mib", 0), ("prefill_ms", "Prefill ms", "latency.prefill_ms", 1),
+                ("decode_ms", "Decode ms/tok", "latency.decode_ms_per_token", 1))
 SIGNIFICANCE = 0.05
 RECONSTRUCTION = "reconstruction"
 # settings that must agree between the runs of a fair comparison: (description, path in results.json)
@@ -283,7 +284,7 @@ def our_line(row: Row, tasks: list[str], split: str, show_protocol: bool, resamp
                             if key in run.results["routing"][split]])
                for name, key in ROUTING_COLUMNS.items()}
     costs = {name: _stat([value for run in row.runs if (value := _lookup(run.results, path)) is not None])
-             for name, _, path in COST_COLUMNS}
+             for name, _, path, _ in COST_COLUMNS}
     counts, shares, parameters = _parameters(row.runs)
     return Line("ours", row.name(show_protocol), cells, average, len(seeds), parameters, counts, shares,
                 _sized(row.runs), routing, row, costs, evidence)
@@ -329,7 +330,7 @@ def base_line(runs: list[Run], tasks: list[str], resampling: Resampling) -> tupl
             if run.metric(task) in scores:
                 values[task].add(100 * scores[run.metric(task)])
     warnings = [f"base-model scores on {task} differ between runs ({', '.join(f'{v:.2f}' for v in sorted(found))}): "
-                "different base models or held-out sets" for task, found in values.items() if len(found) > 1]
+                "different base models or test sets" for task, found in values.items() if len(found) > 1]
     name = f"base model ({', '.join(sorted({run.results['model'] for run in runs}))})"
     evidence = Evidence(name, _base_correctness(runs))
     cells = {task: _with_ci(_stat([statistics.fmean(values[task])] if values[task] else []), evidence, [task],
@@ -389,7 +390,7 @@ def protocol_notes(rows: list[Row]) -> list[str]:
     runs = [(row.method, run) for row in rows for run in row.runs]
     trained = sorted({task for _, run in runs for task in run.trained_tasks})
     checks = [*PROTOCOL, *((f"{kind} examples of {task}", f"data.tasks.{task}.{kind}", task)
-                           for task in trained for kind in ("train", "heldout"))]
+                           for task in trained for kind in ("train", "dev", "test"))]
     notes, counts = [], defaultdict(list)
     for description, path, *task in checks:
         found: dict[str, set[str]] = defaultdict(set)
@@ -405,7 +406,7 @@ def protocol_notes(rows: list[Row]) -> list[str]:
         elif found and json.loads(next(iter(found))) is not None:
             notes.append(f"{description}: {json.loads(next(iter(found)))}")
     if counts:
-        notes.append("examples per task (train/held-out): "
+        notes.append("examples per task (train/dev/test): "
                      + ", ".join(f"{task} {'/'.join(values)}" for task, values in counts.items()))
     return notes
 
@@ -460,15 +461,18 @@ def column_notes(rows: list[Row], split: str, reference: Line | None, resampling
         "of the base model's. Sized: the value a parameter budget chose.",
         "Task columns: 100 × the task's headline metric (named in the header: acc, the choice with the highest "
         "log-likelihood; acc_norm, the highest log-likelihood per character, which does not favour short answers) "
-        "on its held-out examples, scored by lm-eval; the mean over seeds, and in brackets its 95 % confidence "
+        "on its test examples, scored by lm-eval once after training (nothing was tuned on them); the mean over "
+        "seeds, and in brackets its 95 % confidence "
         f"interval from a bootstrap over examples and seeds ({resampling.iterations:,} replicates, seed "
         f"{resampling.seed}); ± the standard deviation over seeds where the runs kept no per-example predictions; "
         "the number of seeds in parentheses where it differs from the row's.",
         "Average: the mean over the task columns of each seed, then over seeds (a seed needs every task); its "
         "interval draws each task's examples separately and the seeds once for all tasks.",
         "Seeds: runs per row. Train s: wall-clock seconds of the fit. Tokens/s: training tokens (every process's) "
-        "per second of process 0. Peak MiB: peak memory (see the note on its measure). Means over seeds. The "
-        "inference latency of the trained model is not measured by these runs.",
+        "per second of process 0. Peak MiB: peak memory (see the note on its measure). Prefill ms, Decode ms/tok: "
+        "inference latency of the trained model as it was scored (merged where the method merges), batch 1, on the "
+        "run's device and precision: one forward over the prompt, and each greedy token after it with the KV cache "
+        "(the note on latency gives the lengths). Means over seeds.",
         f"Entropy, Load CV, Dead experts: routing in the {split} pass, averaged over routing sites and seeds: the "
         "routing distribution's entropy per token divided by log(experts) (1 = uniform), the coefficient of "
         "variation of the experts' shares of the selected slots (0 = balanced), and experts that received no "
@@ -486,14 +490,23 @@ def column_notes(rows: list[Row], split: str, reference: Line | None, resampling
 
 
 def cost_notes(rows: list[Row]) -> list[str]:
-    """Which measure the peak-memory column holds; a warning when runs used different ones."""
-    measures = {run.results["memory"]["measure"] for row in rows for run in row.runs if run.results.get("memory")}
+    """Which measure the peak-memory column holds and how latency was timed; a warning when runs differ."""
+    runs = [run.results for row in rows for run in row.runs]
+    notes = []
+    measures = {results["memory"]["measure"] for results in runs if results.get("memory")}
     descriptions = {"cuda_max_allocated": "CUDA max allocated during the fit",
                     "peak_rss": "the process's peak resident set size up to the end of the fit"}
-    if not measures:
-        return []
-    text = "; ".join(descriptions.get(measure, measure) for measure in sorted(measures))
-    return [("⚠ runs measured peak memory differently: " if len(measures) > 1 else "Peak MiB: ") + text]
+    if measures:
+        text = "; ".join(descriptions.get(measure, measure) for measure in sorted(measures))
+        notes.append(("⚠ runs measured peak memory differently: " if len(measures) > 1 else "Peak MiB: ") + text)
+    settings = {f"{latency['prompt_tokens']}-token prompt, {latency['new_tokens']} new tokens, on "
+                f"{latency['device']} in {latency.get('precision', '?')}" for results in runs
+                if (latency := results.get("latency"))}
+    if settings:
+        text = "; ".join(sorted(settings))
+        notes.append(("⚠ runs timed latency differently: " if len(settings) > 1 else "Latency: ") + text
+                     + " (on a shared CPU the absolute times are rough; compare rows measured together)")
+    return notes
 
 
 def prediction_notes(lines: list[Line], tasks: list[str]) -> list[str]:
@@ -538,13 +551,13 @@ def table(lines: list[Line], tasks: list[str], metrics: dict[str, str]) -> tuple
     sized = any(line.sized for line in lines)
     header = (["Method", "Trainable (share of base)"] + (["Sized"] if sized else [])
               + [f"{task} ({metrics[task]})" for task in tasks] + [f"Average ({metric_label(metrics)})", "Seeds"]
-              + [title for _, title, _ in COST_COLUMNS] + ["Entropy", "Load CV", "Dead experts"])
+              + [title for _, title, *_ in COST_COLUMNS] + ["Entropy", "Load CV", "Dead experts"])
     body = []
     for line in lines:
         cells = [line.name, line.parameters or "–"] + ([line.sized or "–"] if sized else [])
         cells += [_cell(line.cells.get(task), line.kind, line.seeds) for task in tasks]
         cells += [_cell(line.average, line.kind, line.seeds), str(line.seeds) if line.seeds else "–"]
-        cells += [_number(line.costs.get(name), 1 if name == "train_s" else 0) for name, _, _ in COST_COLUMNS]
+        cells += [_number(line.costs.get(name), decimals) for name, _, _, decimals in COST_COLUMNS]
         cells += [_number(line.routing.get(name), digits)
                   for name, digits in (("entropy", 3), ("load_cv", 3), ("dead_experts", 1))]
         body.append(cells)
@@ -584,7 +597,7 @@ def write_csv(path: Path, lines: list[Line], tasks: list[str]) -> None:
     suffixes = ("", "_std", "_n", "_low", "_high", "_p", "_p_holm")
     header = (["kind", "name", "method", "fidelity", "variant", "protocol", "trainable", "trainable_share", "sized",
                "seeds"] + [f"{c}{suffix}" for c in stat_columns for suffix in suffixes]
-              + [name for name, _, _ in COST_COLUMNS] + list(ROUTING_COLUMNS))
+              + [name for name, *_ in COST_COLUMNS] + list(ROUTING_COLUMNS))
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
@@ -596,7 +609,7 @@ def write_csv(path: Path, lines: list[Line], tasks: list[str]) -> None:
                       line.shares[0] if len(line.shares) == 1 else "", line.sized, line.seeds or ""]
             for column in stat_columns:
                 values += _csv_values(line.average if column == "average" else line.cells.get(column))
-            values += ["" if line.costs.get(name) is None else line.costs[name].mean for name, _, _ in COST_COLUMNS]
+            values += ["" if line.costs.get(name) is None else line.costs[name].mean for name, *_ in COST_COLUMNS]
             values += ["" if line.routing.get(name) is None else line.routing[name].mean for name in ROUTING_COLUMNS]
             writer.writerow(values)
 
@@ -626,7 +639,7 @@ class Comparison:
     runs: list[Run] = field(default_factory=list)
 
 
-def compare(sweep_dir: str | Path, out_dir: str | Path | None = None, split: str = "heldout",
+def compare(sweep_dir: str | Path, out_dir: str | Path | None = None, split: str = "dev",
             reference: str = "lora", resampling: Resampling | None = None) -> Comparison:
     """Write ``comparison.md``, ``comparison.csv``, ``comparison.tex``, the learning-curve and accuracy
     figures and ``expert_maps.png`` (when a method routes) for the runs under ``sweep_dir``, into ``out_dir``
@@ -666,7 +679,7 @@ def compare(sweep_dir: str | Path, out_dir: str | Path | None = None, split: str
     notes = {
         "Columns": column_notes(rows, split, reference_line, resampling),
         "Notes": (reference_notes or []) + metric_warnings + protocol_notes(rows) + cost_notes(rows)
-                 + budget_notes(rows)
+                 + budget_notes(rows) + routing_coverage_notes(rows, split)
                  + base_warnings + prediction_notes(lines, tasks) + paper_notes(rows, papers, tasks),
         "Missing or failed runs": failures + sweep.problems + incomplete_cells(rows, tasks, sweep),
     }
@@ -700,6 +713,23 @@ def task_metrics(runs: list[Run], tasks: list[str]) -> tuple[dict[str, str], lis
     warnings = [f"⚠ runs differ in the headline metric of {task}: {', '.join(names)}"
                 for task, names in found.items() if len(names) > 1]
     return {task: "/".join(names) for task, names in found.items()}, warnings
+
+
+def routing_coverage_notes(rows: list[Row], split: str) -> list[str]:
+    """A warning for every run whose routing statistics of ``split`` hold no tokens of one of its tasks: its
+    routing columns and the pooled expert maps then describe only the other tasks."""
+    notes = []
+    for row in rows:
+        for run in row.runs:
+            if not (run.folder / ROUTING_FILE).exists():
+                continue
+            routing = read_routing(run.folder)
+            missing = tasks_without_data(routing.stats[split], routing.tasks)
+            if missing:
+                notes.append(f"⚠ {row.name(False)}, seed {run.results.get('seed')}: the {split} routing pass "
+                             f"counted no tokens of {', '.join(missing)}; its Entropy / Load CV / Dead experts and "
+                             "the expert maps describe the other tasks only")
+    return notes
 
 
 def write_comparison_figure(rows: list[Row], out_dir: Path, split: str) -> Path | None:

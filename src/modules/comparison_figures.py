@@ -1,7 +1,7 @@
 """The comparison's figures besides the expert maps: learning curves and per-task accuracy, as PNG and PDF.
 
 * ``learning_curves``: the training loss per step of each method (the mean over seeds at each step, and a
-  band from the lowest to the highest seed), and the held-out (dev) cross-entropy wherever the runs logged it
+  band from the lowest to the highest seed), and the dev cross-entropy wherever the runs logged it
   (once, after the fit, unless validation ran during training), with the same band as error bars. Both come
   from each run's ``csv/metrics.csv`` (the CSV logger); runs without it are left out, and a row
   without any such run has no curve.
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .compare import Line, Row
 
 METRICS_CSV = Path("csv") / "metrics.csv"
-CURVES = (("train/loss", "training loss"), ("val/ce", "held-out (dev) cross-entropy"))
+CURVES = (("train/loss", "training loss"), ("val/ce", "dev cross-entropy"))
 FORMATS = ("png", "pdf")
 
 

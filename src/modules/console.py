@@ -2,7 +2,7 @@
 
 * ``[moelab]`` lines through the ``moelab`` logger: on the console and, under Hydra, in the job's
   ``train.log`` too (``conf/hydra/default.yaml`` formats the console plainly and the file with times).
-* A header before each phase (base scoring, training, held-out pass, scoring, saving) with the time since
+* A header before each phase (base scoring, training, dev pass, scoring, saving) with the time since
   the job started, and a plain progress line every ``progress_every`` steps (or minute) while training,
   which reads the same in a terminal and in a SLURM log file.
 * Third-party chatter (tips, deprecation warnings, per-task INFO lines, progress bars) is silenced unless

@@ -1,13 +1,13 @@
-"""The bridge to the EleutherAI lm-evaluation-harness: score an in-memory model on held-out tasks.
+"""The bridge to the EleutherAI lm-evaluation-harness: score an in-memory model on a split's tasks.
 
 The trained model is wrapped in lm-eval's ``HFLM`` as it is in memory (merged first when the method
 allows it) and scored with ``simple_evaluate`` on the task configs the data module writes. Base-model
 scores are computed the same way and cached on disk, keyed by everything that determines them: the base
-model's identity, the exact task configs and held-out file contents, the limit, the few-shot count, the
+model's identity, the exact task configs and data file contents, the limit, the few-shot count, the
 maximum length, the batch size and the library versions — and "no adapter", so that no adapter's scores
 can be served as base scores.
 
-With ``log_samples`` the scores come with per-example predictions: for each task and held-out example, the
+With ``log_samples`` the scores come with per-example predictions: for each task and scored example, the
 gold index, the choice with the highest log-likelihood (and per character, for ``acc_norm``), whether each
 accuracy counted it correct, and the choices' log-likelihoods. They are what paired tests between methods
 need; the base-score cache keeps them next to the scores.

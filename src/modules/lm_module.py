@@ -19,7 +19,7 @@ contract: which parameters train, training stages, auxiliary losses, routing rec
 * routing statistics from every routed module's last forward, summed per site × expert × task (so they
   reduce exactly across batches and DDP ranks), logged every ``routing_log_every`` steps as a bounded set
   of W&B keys (per-site detail behind ``routing_per_layer``); the cumulative training tensor (of the last
-  training stage, for methods trained in stages) and the held-out tensor are kept for results.json and the
+  training stage, for methods trained in stages) and the dev tensor are kept for results.json and the
   activation maps;
 * tokens/s, step time, learning rate; adapter-only checkpoints (the frozen base is never written) that also
   hold, per process, the RNG states, routing sums and throughput counters, so that a resumed run continues
@@ -63,7 +63,7 @@ class AdapterLM(L.LightningModule):
         self.routing_log_every, self.routing_per_layer = routing_log_every, routing_per_layer
         self.routing_tokens = routing_tokens
         self.routing = {"train": RoutingStatistics(num_tasks), "window": RoutingStatistics(num_tasks),
-                        "heldout": RoutingStatistics(num_tasks)}
+                        "dev": RoutingStatistics(num_tasks)}
         self.stage: str | None = None
         self.throughput = {"tokens": 0, "seconds": 0.0, "steps": 0}
         self._step_started = 0.0
@@ -265,20 +265,20 @@ class AdapterLM(L.LightningModule):
         (BatchContext's contract), not the last batch's task ids and masks."""
         self.adapter.set_context(self.model, None, None, None)
 
-    # -- held-out -----------------------------------------------------------------------------------------
+    # -- dev pass -----------------------------------------------------------------------------------------
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         cross_entropy = self(batch)
         self.log("val/ce", cross_entropy, batch_size=batch["input_ids"].shape[0], sync_dist=True)
-        self._record_routing(batch, self.routing["heldout"])
+        self._record_routing(batch, self.routing["dev"])
         return cross_entropy
 
     def on_validation_epoch_start(self) -> None:
-        self.routing["heldout"] = RoutingStatistics(self.routing["heldout"].num_tasks)
+        self.routing["dev"] = RoutingStatistics(self.routing["dev"].num_tasks)
 
     def on_validation_epoch_end(self) -> None:
-        self.routing["heldout"] = self._reduced(self.routing["heldout"])
-        summary = self.routing["heldout"].summary()
+        self.routing["dev"] = self._reduced(self.routing["dev"])
+        summary = self.routing["dev"].summary()
         if summary:
             self.log_dict({f"val/{k}": v for k, v in summary.items()}, rank_zero_only=True)
 

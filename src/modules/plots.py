@@ -1,8 +1,8 @@
 """Expert activation maps: layer × expert heatmaps per task, drawn from saved routing statistics.
 
 A run folder's ``routing.pt`` holds the :class:`~moelab.adapters.routing.RoutingStatistics` of the training
-run and of the held-out pass as raw sums per routing site × expert × task. The maps regroup those sums
-before any ratio is formed, so a layer's map is exact over all of its sites' tokens:
+run and of the dev pass (examples held out from training) as raw sums per routing site × expert × task. The
+maps regroup those sums before any ratio is formed, so a layer's map is exact over all of its sites' tokens:
 
 * per decoder layer (default): the sums of the sites inside one layer (``model.layers.3.self_attn.q_proj``
   and ``model.layers.3.mlp`` both belong to ``model.layers.3``) are added up; ``per_site`` keeps every site;
@@ -10,8 +10,10 @@ before any ratio is formed, so a layer's map is exact over all of its sites' tok
   routing probability.
 
 One figure per kind: the top row has one panel per task; below it, each task's map minus the mean of the
-task maps (the difference between tasks, on a symmetric diverging scale). Every title carries the
-method's fidelity label.
+task maps (the difference between tasks, on a symmetric diverging scale). A task of which the pass counted
+no token (a pass cut short before it reached the task) is drawn as a hatched "no data" panel and left out
+of the mean, never as zero load; :func:`tasks_without_data` names such tasks so that the scripts warn.
+Every title carries the method's fidelity label.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from moelab.adapters.routing import RoutingStatistics
 
 ROUTING_FILE = "routing.pt"
 KINDS = ("load", "importance")
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "dev")
 DPI = 100
 
 
@@ -84,6 +86,14 @@ def short_names(names: list[str]) -> list[str]:
     return [name[cut:] or name for name in names]
 
 
+def tasks_without_data(stats: RoutingStatistics, tasks: list[str]) -> list[str]:
+    """The tasks of which ``stats`` counted no token; none when the method does not route."""
+    if stats.empty:
+        return []
+    counted = stats.sums["tokens"].sum(dim=0).tolist()
+    return [task for task, tokens in zip(tasks, counted, strict=True) if tokens == 0]
+
+
 # -------------------------------------------------------------------------------------------- drawing
 
 
@@ -105,6 +115,18 @@ def _heatmap(ax, values: Tensor, rows: list[str], title: str, **style):
     return image
 
 
+def _no_data(ax, title: str) -> None:
+    """A hatched grey panel that says the task has no tokens in this pass (distinct from zero load)."""
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, facecolor="0.92", edgecolor="0.6", hatch="//"))
+    ax.text(0.5, 0.5, "no data\n(no tokens of this task\nin this pass)", transform=ax.transAxes, ha="center",
+            va="center", fontsize=8, backgroundcolor="white")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def panel_size(num_rows: int, num_experts: int) -> tuple[float, float]:
     """Inches per heatmap panel, growing with the number of experts and rows."""
     return max(2.6, 0.35 * num_experts + 1.2), max(2.4, 0.22 * num_rows + 1.0)
@@ -117,21 +139,29 @@ def expert_map_figure(stats: RoutingStatistics, tasks: list[str], label: str, ki
         raise ValueError(f"{label}: no routing statistics ({split}); the method does not route")
     rows = stats if per_site else by_layer(stats)
     maps = rows.activation(kind)  # [rows, experts, tasks]
+    missing = set(tasks_without_data(stats, tasks))
+    if len(missing) == len(tasks):
+        raise ValueError(f"{label}: the {split} routing statistics hold no tokens of any task")
+    counted = [column for column, task in enumerate(tasks) if task not in missing]
     names = short_names(rows.sites)
     width, height = panel_size(len(names), maps.shape[1])
     grid_rows = 1 if len(tasks) == 1 else 2
     figure, axes = _figure(grid_rows, len(tasks), (width * len(tasks), height * grid_rows))
-    scale = {"cmap": "viridis", "vmin": 0.0, "vmax": float(maps.max()) or 1.0}
+    scale = {"cmap": "viridis", "vmin": 0.0, "vmax": float(maps[:, :, counted].max()) or 1.0}
+    deviation = maps - maps[:, :, counted].mean(dim=2, keepdim=True)
+    limit = float(deviation[:, :, counted].abs().max()) or 1e-6
     for column, task in enumerate(tasks):
+        if task in missing:
+            for row in range(grid_rows):
+                _no_data(axes[row, column], task)
+            continue
         image = _heatmap(axes[0, column], maps[:, :, column], names, task, **scale)
+        if grid_rows == 2:
+            difference = _heatmap(axes[1, column], deviation[:, :, column], names, f"{task} − mean of tasks",
+                                  cmap="RdBu_r", vmin=-limit, vmax=limit)
     figure.colorbar(image, ax=axes[0, :].tolist(), label=f"expert {kind}")
     if grid_rows == 2:
-        deviation = maps - maps.mean(dim=2, keepdim=True)
-        limit = float(deviation.abs().max()) or 1e-6
-        for column, task in enumerate(tasks):
-            image = _heatmap(axes[1, column], deviation[:, :, column], names, f"{task} − mean of tasks",
-                             cmap="RdBu_r", vmin=-limit, vmax=limit)
-        figure.colorbar(image, ax=axes[1, :].tolist(), label=f"{kind} difference")
+        figure.colorbar(difference, ax=axes[1, :].tolist(), label=f"{kind} difference")
     unit = "site" if per_site else "layer"
     for axis in axes[:, 0]:
         axis.set_ylabel(unit, fontsize=8)
@@ -139,7 +169,7 @@ def expert_map_figure(stats: RoutingStatistics, tasks: list[str], label: str, ki
     return figure
 
 
-def write_expert_maps(run_dir: str | Path, out_dir: str | Path | None = None, split: str = "heldout",
+def write_expert_maps(run_dir: str | Path, out_dir: str | Path | None = None, split: str = "dev",
                       per_site: bool = False) -> list[Path]:
     """One PNG per kind from ``run_dir/routing.pt`` into ``out_dir`` (default ``run_dir/plots``); none when
     the method does not route."""

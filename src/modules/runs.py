@@ -1,7 +1,7 @@
-"""Reading a finished run folder back: the trained model (base + adapter) and its held-out task files.
+"""Reading a finished run folder back: the trained model (base + adapter) and its dev and test task files.
 
 A run folder holds ``adapter/adapter_config.json`` (method, config, the resolved base-model config) and
-``adapter/adapter_model.safetensors`` (adapter tensors only), and ``data/<task>.heldout.jsonl``.
+``adapter/adapter_model.safetensors`` (adapter tensors only), and ``data/<task>.{dev,test}.jsonl``.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def load_trained(run_dir: str | Path) -> tuple[BaseModel, Adapter]:
     return base, adapter
 
 
-def heldout_tasks(run_dir: str | Path) -> list[dict]:
-    """lm-eval configs for the held-out files the run wrote (the same examples it was scored on)."""
-    files = {path.name.removesuffix(".heldout.jsonl"): path
-             for path in sorted((Path(run_dir) / "data").glob("*.heldout.jsonl"))}
+def split_tasks(run_dir: str | Path, split: str = "test") -> list[dict]:
+    """lm-eval configs for the ``dev`` or ``test`` files the run wrote (the examples it was scored on)."""
+    files = {path.name.removesuffix(f".{split}.jsonl"): path
+             for path in sorted((Path(run_dir) / "data").glob(f"*.{split}.jsonl"))}
     if not files:
-        raise FileNotFoundError(f"{run_dir}/data holds no *.heldout.jsonl files")
+        raise FileNotFoundError(f"{run_dir}/data holds no *.{split}.jsonl files")
     return lm_eval_task_configs(files)

@@ -1,7 +1,7 @@
 """Confidence intervals and paired tests on per-example correctness, for the comparison table.
 
 A method's score on a task is the mean over its seeds of the mean over the task's examples of a 0/1
-correctness. Two sources of error make it uncertain: which examples the held-out set happens to hold (with 70
+correctness. Two sources of error make it uncertain: which examples the test set happens to hold (with 70
 examples per task, about ±12 points at 95 %), and which seed the training drew. The bootstrap here resamples
 both: each replicate draws the examples of every task with replacement, and each method's seeds with
 replacement, and recomputes the statistic.
@@ -149,7 +149,7 @@ class Evidence:
             found = {tuple(self.table[task][seed][0]) for seed in seeds}
             if len(found) > 1:
                 self._problem(f"⚠ {self.name}: the seeds' predictions on {task} hold different examples (another "
-                              "eval.limit or held-out split?): no interval")
+                              "eval.limit or test split?): no interval")
                 return None
             ids[task] = list(found.pop())
             matrices[task] = np.stack([self.table[task][seed][1] for seed in seeds])

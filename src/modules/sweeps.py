@@ -1,7 +1,8 @@
 """Hydra callbacks of a multirun (``hydra.callbacks`` in ``conf/hydra/default.yaml``).
 
 * Before any job starts, every job's composed config is checked for a trainer that would launch processes
-  of its own inside the local multirun (see :func:`moelab.modules.launch.check_process_launch`).
+  of its own inside the local multirun (see :func:`moelab.modules.launch.check_process_launch`), and a
+  hyper-parameter search for an objective on dev (:func:`moelab.modules.validation.check_objective`).
 * After the last job, the comparison table is written and the sweep's outcome becomes the process's exit
   status: 1, with the list printed, when any job failed, was interrupted or left no results. Re-running the
   same command with the same ``hydra.sweep.dir`` skips the finished jobs and resumes the others.
@@ -16,15 +17,18 @@ from typing import Any
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .launch import check_process_launch
+from .validation import check_objective
 
 
 class SweepOutcome(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns a callback's exception into a warning; SystemExit is what stops the sweep
         try:
+            check_objective(str(config.hydra.sweeper.get("_target_", "")),
+                            OmegaConf.to_container(config.eval, resolve=True))
             for job in _job_configs(config):
                 check_process_launch(job, multirun=True)
         except ValueError as error:

@@ -13,7 +13,7 @@ end the process with status 128 + signal (``checkpointing.py``).
 
 Under several processes (DDP, FSDP; Lightning's launcher, torchrun or SLURM) every process runs this
 function; only process 0 takes the lock, scores with lm-eval and writes files. Scoring runs on the trainer's
-root device and precision after every process has finished training and the held-out pass.
+root device and precision after every process has finished training and the dev pass.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from moelab.adapters import (
     inject,
     merge_and_unload,
 )
+from moelab.data.datamodule import SCORED_SPLITS
 from moelab.data.files import atomic_write_text
 
 from .budget import plan_budget
@@ -71,6 +72,7 @@ from .evaluation import (
     metric_label,
     write_predictions,
 )
+from .latency import measure_latency
 from .launch import check_process_launch, decoder_layer_classes, process_rank
 from .loggers import drop_rows_from
 from .memory import PeakMemory
@@ -228,21 +230,22 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
             logger.log_hyperparams(hyperparameters)
         scoring = Scoring(trainer, cfg)
 
-        # 3. Base-model scores, with the adapter switched off (cached across runs).
-        eval_tasks = datamodule.lm_eval_tasks() if cfg.eval.enabled else []
-        base_scores, base_predictions, base_cached = {}, {}, False
+        # 3. Base-model scores, with the adapter switched off (cached across runs), on each scored split.
+        eval_tasks = {split: datamodule.lm_eval_tasks(split) for split in cfg.eval.splits} if cfg.eval.enabled else {}
+        base_scored: dict[str, tuple[dict, dict, bool]] = {}
         if eval_tasks and cfg.eval.base and trainer.is_global_zero:
-            phases.begin(f"scoring the base model (lm-eval, {len(eval_tasks)} tasks)")
             tick = time.perf_counter()
-            key = base_score_key(base.identity, eval_tasks, cfg.eval.limit, cfg.eval.num_fewshot,
-                                 max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size)
-            with disable_adapters(base.model):
-                base_scores, base_predictions, base_cached = cached_scores(
-                    Path(cfg.paths.cache_dir) / "base_scores", key,
-                    lambda: scoring.scores(base.model, base.tokenizer, eval_tasks))
+            for split, tasks in eval_tasks.items():
+                phases.begin(f"scoring the base model on {split} (lm-eval, {len(tasks)} tasks)")
+                key = base_score_key(base.identity, tasks, cfg.eval.limit, cfg.eval.num_fewshot,
+                                     max_length=cfg.eval.max_length, batch_size=cfg.eval.batch_size)
+                with disable_adapters(base.model):
+                    base_scored[split] = cached_scores(Path(cfg.paths.cache_dir) / "base_scores", key,
+                                                       lambda tasks=tasks: scoring.scores(base.model, base.tokenizer,
+                                                                                          tasks))
             timings["base_eval_s"] = time.perf_counter() - tick
 
-        # 4. Fit (from the checkpoint when resuming), then one pass over the held-out examples.
+        # 4. Fit (from the checkpoint when resuming), then one pass over the dev examples.
         tick = time.perf_counter()
         phases.begin(f"training: {cfg.trainer.max_steps} steps" if cfg.trainer.max_steps > 0 else "training")
         memory = PeakMemory(trainer.strategy.root_device)
@@ -255,7 +258,7 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
         peak_memory = memory.report()
         checkpointer = next(c for c in trainer.callbacks if isinstance(c, RunCheckpoint))
         timings.update(checkpoint_s=checkpointer.seconds, checkpoints=checkpointer.saves)
-        phases.begin("held-out pass (validation loss, routing statistics)")
+        phases.begin("dev pass (validation loss, routing statistics)")
         validation = trainer.validate(module, datamodule=datamodule, verbose=False)
         with full_parameters(trainer):  # every process has finished; process 0 saves and scores
             if not trainer.is_global_zero:
@@ -265,26 +268,36 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
             save_adapter(out_dir / "adapter", base, adapter, cfg)
             torch.save({"tasks": datamodule.task_names, "method": adapter.label,
                         "train": module.routing["train"].state_dict(),
-                        "heldout": module.routing["heldout"].state_dict()}, out_dir / "routing.pt")
+                        "dev": module.routing["dev"].state_dict()}, out_dir / "routing.pt")
             # 6. Score the trained model: merged into the base weights when the method allows it.
-            scores, predictions, scored_as = {}, {}, "none"
+            tuned: dict[str, tuple[dict, dict]] = {}
+            scored_as, latency = "none", None
             if eval_tasks:
                 tick = time.perf_counter()
                 model = base.model
                 scored_as = "unmerged"
                 if adapter.mergeable and cfg.eval.merge:
                     model, scored_as = merge_and_unload(base.model, safe_merge=True), "merged"
-                phases.begin(f"scoring the trained model ({scored_as}, lm-eval, {len(eval_tasks)} tasks)")
-                scores, predictions = scoring.scores(model, base.tokenizer, eval_tasks)
+                for split, tasks in eval_tasks.items():
+                    phases.begin(f"scoring the trained model on {split} ({scored_as}, lm-eval, {len(tasks)} tasks)")
+                    tuned[split] = scoring.scores(model, base.tokenizer, tasks)
                 timings["eval_s"] = time.perf_counter() - tick
-            write_predictions(out_dir, {"base": base_predictions, "tuned": predictions})
+                if cfg.eval.latency is not None:
+                    phases.begin(f"inference latency ({scored_as})")
+                    latency = {**scoring.latency(model, cfg.eval.latency), "model": scored_as}
+            # the per-example records of the reported split, which paired tests between methods read
+            write_predictions(out_dir, {"base": base_scored.get("test", ({}, {}, False))[1],
+                                        "tuned": tuned.get("test", ({}, {}))[1]})
         timings["total_s"] = time.perf_counter() - started
 
         headline = {spec.name: spec.headline(cfg.eval.metric) for spec in datamodule.specs}
-        results = _results(cfg, adapter, base, parameters, split_report, base_scores, base_cached, scores,
-                           scored_as, validation, module, timings, budget_report, headline)
+        evaluation = {split: split_scores(tuned.get(split, ({}, {}))[0], base_scored.get(split, ({}, {}, False)),
+                                          headline) for split in SCORED_SPLITS}
+        results = _results(cfg, adapter, base, parameters, split_report, evaluation, scored_as, validation, module,
+                           timings, budget_report, headline)
         results["scoring"] = scoring.report()
         results["memory"] = peak_memory
+        results["latency"] = latency
         results["resumed_from"] = str(checkpoint) if checkpoint else None
         _write_results(out_dir, results)
         for logger in loggers:
@@ -353,6 +366,12 @@ class Scoring:
                                   num_fewshot=evaluation.num_fewshot, bootstrap_iters=evaluation.bootstrap_iters,
                                   max_length=evaluation.max_length, device=self.device, log_samples=True)
 
+    def latency(self, model, settings: DictConfig) -> dict[str, Any]:
+        """Prefill and per-token decode time of ``model`` as scored (:func:`measure_latency`), in this precision."""
+        autocast = self.AUTOCAST.get(self.precision)
+        with preserved_rng(), torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+            return {**measure_latency(model.to(self.device), self.device, **settings), "precision": self.precision}
+
     def report(self) -> dict[str, Any]:
         return {"device": str(self.device), "precision": self.precision, "parameter_dtype": self.dtype}
 
@@ -415,10 +434,18 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
-def _results(cfg, adapter, base, parameters, split_report, base_scores, base_cached, scores, scored_as, validation,
-             module, timings, budget, headline) -> dict[str, Any]:
+def split_scores(scores: dict, base: tuple[dict, dict, bool], headline: dict[str, str]) -> dict[str, Any]:
+    """The scores of one split, tuned and base, with their means over the tasks' headline metrics."""
+    base_scores, _, base_cached = base
+    return {"scores": scores, "mean": mean_score(scores, headline), "base_scores": base_scores,
+            "base_mean": mean_score(base_scores, headline), "base_scores_cached": base_cached}
+
+
+def _results(cfg, adapter, base, parameters, split_report, evaluation, scored_as, validation, module, timings,
+             budget, headline) -> dict[str, Any]:
     """``metric`` is ``eval.metric`` as configured (``auto``: each task's convention); ``metrics`` the headline
-    metric each task was given, which ``mean`` and ``base_mean`` average."""
+    metric each task was given, which ``mean`` and ``base_mean`` average. ``scores``, ``mean`` and the base
+    entries are the test split's (the tables'); ``dev`` holds the same entries for dev when it was scored."""
     throughput = module.throughput
     return {
         "status": "ok",
@@ -436,15 +463,13 @@ def _results(cfg, adapter, base, parameters, split_report, base_scores, base_cac
         "data": {"tasks": split_report},
         "metric": cfg.eval.metric,
         "metrics": headline,
-        "scores": scores,
-        "mean": mean_score(scores, headline),
+        "scored_splits": list(cfg.eval.splits) if cfg.eval.enabled else [],
+        **evaluation["test"],
+        "dev": evaluation["dev"],
         "scored_as": scored_as,
-        "base_scores": base_scores,
-        "base_mean": mean_score(base_scores, headline),
-        "base_scores_cached": base_cached,
         "validation": validation[0] if validation else {},
         "routing": {"train": module.routing["train"].summary(per_layer=True),
-                    "heldout": module.routing["heldout"].summary(per_layer=True)},
+                    "dev": module.routing["dev"].summary(per_layer=True)},
         # tokens of every process; seconds of process 0
         "timings": {**timings, "train_steps": throughput["steps"], "train_tokens": throughput["tokens"],
                     "tokens_per_s": throughput["tokens"] / max(throughput["seconds"], 1e-9),
@@ -456,26 +481,33 @@ def _results(cfg, adapter, base, parameters, split_report, base_scores, base_cac
 
 
 def _flat_scores(results: dict[str, Any]) -> dict[str, float]:
+    """Logger keys: ``eval/...`` and ``eval_base/...`` for test (the tables' split), ``dev/...`` for dev."""
     flat = {}
-    for prefix, scores in (("eval", results["scores"]), ("eval_base", results["base_scores"])):
-        for task, metrics in scores.items():
-            flat.update({f"{prefix}/{task}/{name}": value for name, value in metrics.items()})
-    for key in ("mean", "base_mean"):
-        if results[key] is not None:
-            flat[f"eval/{key}_{metric_label(results['metrics'])}"] = results[key]
+    label = metric_label(results["metrics"])
+    for prefix, block in (("eval", results), ("dev", results["dev"])):
+        for suffix, scores in (("", block["scores"]), ("_base", block["base_scores"])):
+            for task, metrics in scores.items():
+                flat.update({f"{prefix}{suffix}/{task}/{name}": value for name, value in metrics.items()})
+        for key in ("mean", "base_mean"):
+            if block[key] is not None:
+                flat[f"{prefix}/{key}_{label}"] = block[key]
     return flat
 
 
 def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
     lines = [f"{results['label']} · {results['parameters']['trainable']:,} trainable parameters · "
              f"{results['timings']['tokens_per_s']:.0f} train tokens/s"]
-    for task in results["scores"] or results["base_scores"]:
-        metric = results["metrics"][task]
-        base = results["base_scores"].get(task, {}).get(metric)
-        tuned = results["scores"].get(task, {}).get(metric)
-        lines.append(f"    {task:<20} base {metric} {_fmt(base)}   tuned ({results['scored_as']}) {_fmt(tuned)}")
-    lines.append(f"    {'mean':<20} base {metric_label(results['metrics']):<4} {_fmt(results['base_mean'])}   "
-                 f"tuned {_fmt(results['mean'])}")
+    label = metric_label(results["metrics"])
+    for split, block in (("dev", results["dev"]), ("test", results)):
+        if split not in results["scored_splits"]:
+            continue
+        lines.append(f"  {split}")
+        for task in block["scores"] or block["base_scores"]:
+            metric = results["metrics"][task]
+            base = block["base_scores"].get(task, {}).get(metric)
+            tuned = block["scores"].get(task, {}).get(metric)
+            lines.append(f"    {task:<20} base {metric} {_fmt(base)}   tuned ({results['scored_as']}) {_fmt(tuned)}")
+        lines.append(f"    {'mean':<20} base {label:<4} {_fmt(block['base_mean'])}   tuned {_fmt(block['mean'])}")
     lines.append(f"results: {out_dir / RESULTS_FILE}")
     say("\n".join(lines))
 

@@ -38,6 +38,7 @@ JOB_FIELDS: dict[str, Any] = {
 EVAL_FIELDS: dict[str, Any] = {
     "enabled": bool, "base": bool, "merge": bool, "limit": int | float | None, "batch_size": int | str,
     "num_fewshot": int | None, "bootstrap_iters": int, "max_length": int | None, "metric": str,
+    "splits": list[str], "latency": dict | None,
 }
 
 
@@ -73,6 +74,11 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.num_fewshot": (lambda v: v >= 0, "must be >= 0 or null"),
     "eval.bootstrap_iters": (lambda v: v >= 0, "must be >= 0"),
     "eval.max_length": (lambda v: v >= 1, "must be >= 1 or null"),
+    "eval.latency.prompt_tokens": (lambda v: v >= 1, "must be >= 1"),
+    "eval.latency.new_tokens": (lambda v: v >= 1, "must be >= 1"),
+    "eval.latency.repeats": (lambda v: v >= 1, "must be >= 1"),
+    "eval.splits": (lambda v: len(v) == len(set(v)) and set(v) <= {"dev", "test"},
+                    "must list dev and/or test, each once (test: the table's scores; dev: what tuning may read)"),
 }
 
 
@@ -100,6 +106,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{path} ({value!r}) {message}")
     _check_steps(values["trainer"])
     _check_metric(values.get("eval") or {})
+    _check_objective(values.get("eval") or {})
     _check_model(values["model"])
 
 
@@ -187,6 +194,18 @@ def _hints(target: Any) -> dict[str, Any]:
         return typing.get_type_hints(function)
     except Exception:  # noqa: BLE001 - unresolvable annotations (forward references) check nothing
         return {}
+
+
+def _check_objective(evaluation: dict) -> None:
+    if HydraConfig.initialized():
+        check_objective(str(HydraConfig.get().sweeper.get("_target_") or ""), evaluation)
+
+
+def check_objective(sweeper: str, evaluation: dict) -> None:
+    """A sweeper that optimises the score a job returns (Optuna) reads the dev mean: dev must be scored."""
+    if "optuna" in sweeper.lower() and not (evaluation.get("enabled") and "dev" in evaluation.get("splits", [])):
+        raise ConfigError("eval.splits must list dev (and eval.enabled be true) under a hyper-parameter search: "
+                          "its objective is the mean dev score; the test split is never tuned on")
 
 
 def _check_steps(trainer: dict) -> None:
