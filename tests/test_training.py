@@ -34,6 +34,7 @@ def cli_run(tmp_path_factory):
                f"paths.cache_dir={out / 'cache'}"]
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "loglikelihood requests" not in completed.stderr, "lm-eval's progress bars are hidden like the others'"
     return out, completed.stdout
 
 

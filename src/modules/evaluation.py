@@ -15,8 +15,10 @@ need; the base-score cache keeps them next to the scores.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +63,10 @@ def lm_eval_scores(model: nn.Module, tokenizer, tasks: list[dict[str, Any]], lim
     try:
         device = str(device if device is not None else next(model.parameters()).device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
+        if os.environ.get("TQDM_DISABLE") == "1":
+            # lm-eval's evaluator asks for its two progress bars explicitly, past TQDM_DISABLE: hide them as
+            # moelab's quiet mode hides every other library's (verbose=true shows them)
+            lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
         output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
                                          bootstrap_iters=bootstrap_iters, log_samples=log_samples,
                                          task_manager=TaskManager(include_defaults=False), verbosity="ERROR")
