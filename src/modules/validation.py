@@ -27,6 +27,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from moelab.adapters.base import ConfigError, matches_type, type_name
+from moelab.data.protocols import LABEL_SCORING, PROTOCOLS
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "lm_eval_tasks"
 
@@ -68,6 +69,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.eval_batch_size": (lambda v: v >= 1, "must be >= 1 or null"),
     "data.max_length": (lambda v: v >= 2, "must be >= 2"),
     "data.num_workers": (lambda v: v >= 0, "must be >= 0"),
+    "data.protocol": (lambda v: v in PROTOCOLS, f"must be one of {list(PROTOCOLS)}"),
+    "data.label_scoring": (lambda v: v in LABEL_SCORING, f"must be one of {list(LABEL_SCORING)}"),
     "eval.limit": (lambda v: v >= 1 if isinstance(v, int) else 0 < v <= 1, "must be a count >= 1, a share in "
                                                                                "(0, 1], or null"),
     "eval.batch_size": (lambda v: v >= 1 if isinstance(v, int) else v.startswith("auto"), "must be >= 1 or 'auto'"),
