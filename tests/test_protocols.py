@@ -270,10 +270,11 @@ def test_a_bad_protocol_field_fails_validation_naming_it(override, field, tmp_pa
         validate(compose_config(override, f"paths.output_dir={tmp_path}"))
 
 
-def test_training_sequences_under_moe_peft_are_moe_peft_s_tokens(tmp_path):
+def test_training_sequences_keep_the_tokenizer_s_bos_as_scoring_does(tmp_path):
     """With a tokenizer that adds a BOS (as Llama's and Gemma's do), the moe_peft protocol trains on MoE-PEFT's
     tokens (Tokenizer.encode: the tokenizer's special tokens, prompt + " " + label, no EOS), every one of them a
-    target with loss_on_answer_only off; lm_eval keeps moelab's plain encoding."""
+    target with loss_on_answer_only off; under lm_eval the sequence starts with the same BOS, as lm-eval's HFLM
+    encodes the contexts it scores."""
     from tokenizers.processors import TemplateProcessing
 
     tokenizer = tiny_model()[1]
@@ -289,9 +290,9 @@ def test_training_sequences_under_moe_peft_are_moe_peft_s_tokens(tmp_path):
         task_id, example = data.train_examples[0]
         item = data.encode(task_id, example)
         texts[protocol] = "".join(prompt_and_answer(example))
-        expected = tokenizer(texts[protocol], add_special_tokens=protocol == "moe_peft")["input_ids"]
+        expected = tokenizer(texts[protocol])["input_ids"]
         assert item["input_ids"] == expected and item["labels"] == expected
-    assert tokenizer(texts["moe_peft"])["input_ids"][0] == tokenizer.bos_token_id
+        assert expected[0] == tokenizer.bos_token_id
     assert texts["moe_peft"].startswith("Please choose the correct answer to fill in the blank")
 
 

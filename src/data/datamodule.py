@@ -17,8 +17,9 @@ task id, which routing statistics (per-task activation maps) and hard routing by
   that a validation pass cut short (``trainer.limit_val_batches``) still sees every task in proportion.
 * **Loss mask.** With ``loss_on_answer_only`` the prompt tokens are labelled −100; padding always is.
 * **Truncation.** Sequences longer than ``max_length`` lose tokens from the left, so the answer survives.
-* **Tokens.** No special tokens are added (under ``protocol: moe_peft`` the tokenizer's own are, as MoE-PEFT
-  encodes); the answer starts with lm-eval's target delimiter " ", so training and scoring see the same strings.
+* **Tokens.** The tokenizer's own special tokens are added (a BOS for Llama and Gemma, none for SmolLM2), as
+  lm-eval's HFLM encodes the contexts it scores and as MoE-PEFT encodes; the answer starts with lm-eval's
+  target delimiter " ", so training and scoring see the same tokens.
 * **Protocol.** ``protocol`` renders the tasks with lm-eval's stock prompts (``lm_eval``) or MoE-PEFT's
   prompts and answer labels (``moe_peft``, with ``label_scoring``; ``protocols.py``). Which tasks it changed,
   and how their labels are scored for the model's tokenizer, goes into ``split_report``.
@@ -125,7 +126,6 @@ class TaskMixtureDataModule(L.LightningDataModule):
                 raise ValueError(f"data.max_{split}_examples ({value}) must be >= 1 or null")
         self.specs: list[TaskSpec] = [resolve_task(entry, source, protocol) for entry in tasks]
         self.protocol, self.label_scoring = protocol, label_scoring
-        self.special_tokens = protocols.TRAIN_SPECIAL_TOKENS[protocol]
         # split -> task -> lm-eval config overrides (set by resolve_labels())
         self.scoring_overrides: dict[str, dict[str, dict[str, Any]]] | None = None
         names = [spec.name for spec in self.specs]
@@ -246,15 +246,16 @@ class TaskMixtureDataModule(L.LightningDataModule):
         the joint tokenisation; where a BPE merge crosses the boundary they do not, and the character offsets
         decide instead: a token that ends inside the prompt is prompt, the token that straddles the boundary
         is answer (it holds answer characters the model must produce)."""
-        special = self.special_tokens
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
-        input_ids = self.tokenizer(prompt + answer, add_special_tokens=special)["input_ids"]
+        # the tokenizer's own special tokens (a BOS for Llama and Gemma, none for SmolLM2): lm-eval's HFLM
+        # encodes what it scores with them, and so does MoE-PEFT
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        input_ids = self.tokenizer(prompt + answer, add_special_tokens=True)["input_ids"]
         if input_ids[:len(prompt_ids)] == prompt_ids:
             return input_ids, len(prompt_ids)
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError("data: the prompt's tokens are no prefix of prompt + answer and this (slow) tokenizer "
                              f"gives no character offsets to split them: {prompt[-40:]!r} + {answer[:40]!r}")
-        offsets = self.tokenizer(prompt + answer, add_special_tokens=special, return_offsets_mapping=True)
+        offsets = self.tokenizer(prompt + answer, add_special_tokens=True, return_offsets_mapping=True)
         return input_ids, sum(1 for _, end in offsets["offset_mapping"] if end <= len(prompt))
 
     def setup(self, stage: str | None = None) -> None:

@@ -42,9 +42,9 @@ counterpart in it. Where ``label_scoring`` made a difference, results.json says 
 What else ``moe_peft`` sets, and what it does not reproduce:
 
 * Tokens. MoE-PEFT encodes training and evaluation text with the tokenizer's special tokens (a leading BOS
-  for Llama and Gemma; ``moe_peft/tokenizer.py``, ``Tokenizer.encode``); under this protocol moelab's
-  training sequences keep them too (:data:`TRAIN_SPECIAL_TOKENS`), and lm-eval (0.4.13) encodes prompts with
-  the tokenizer's defaults, as MoE-PEFT does.
+  for Llama and Gemma; ``moe_peft/tokenizer.py``, ``Tokenizer.encode``); moelab's training sequences keep
+  them under every protocol, and lm-eval (0.4.13) encodes prompts with the tokenizer's defaults, as MoE-PEFT
+  does.
 * WinoGrande trains on the ``winogrande_debiased`` configuration (9,248 rows, the count in the paper's App.
   A.2 Table 4) on the hub; every configuration shares the same 1,267-row validation split that is scored.
 * Training loss. MoE-PEFT trains on the whole padded sequence (``moe_peft/dispatcher.py``,
@@ -77,8 +77,6 @@ from .files import atomic_write_text
 
 PROTOCOLS = ("lm_eval", "moe_peft")
 LABEL_SCORING = ("last_token", "text")
-# training sequences encoded with the tokenizer's special tokens (BOS), per protocol
-TRAIN_SPECIAL_TOKENS = {"lm_eval": False, "moe_peft": True}
 PREFIX = "moe_peft_"
 # dev or test prompts per task the label continuations are checked on (spread over the file): every prompt of a
 # task ends in the same text ("\nAnswer:", "\nCorrect solution:"), so the boundary tokenises alike in all
