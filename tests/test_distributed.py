@@ -81,16 +81,17 @@ def adapter_tensors(folder) -> dict[str, torch.Tensor]:
 
 
 def assert_same_adapter(folder, reference) -> None:
-    """Every adapter tensor within 1e-5 of the reference, relative to its norm. The residue is fp32 rounding:
+    """Every adapter tensor within 3e-5 of the reference, relative to its norm. The residue is fp32 rounding:
     a micro-batch is padded to its own longest example, so its matmuls have other shapes than the whole
     batch's, and Adam's normalised first steps magnify the rounding of near-zero gradient entries (single
-    elements then differ by up to 5e-4 of the tensor's largest entry). A loss normalised per micro-batch
-    instead of per step misses by orders of magnitude more."""
+    elements then differ by up to 5e-4 of the tensor's largest entry; whole tensors by up to 1.2e-5 of their
+    norm, measured for MoLE's sites on the tiny mixture). A loss normalised per micro-batch instead of per step
+    misses by orders of magnitude more."""
     ours, theirs = adapter_tensors(folder), adapter_tensors(reference)
     assert set(ours) == set(theirs)
     moved = 0
     for key, value in theirs.items():
-        assert (ours[key] - value).norm() <= 1e-5 * value.norm().clamp_min(1e-12), f"{folder.name}: {key}"
+        assert (ours[key] - value).norm() <= 3e-5 * value.norm().clamp_min(1e-12), f"{folder.name}: {key}"
         moved += int(value.abs().max() > 0)
     assert moved, "training changed the adapter"
 
@@ -101,8 +102,8 @@ def assert_same_routing(folder, reference) -> None:
         for name, value in theirs[split]["sums"].items():
             if name in ("tokens", "slots", "load"):  # counts: every real token once, no padded duplicates
                 assert torch.equal(ours[split]["sums"][name], value), f"{folder.name} {split} {name}"
-            else:
-                torch.testing.assert_close(ours[split]["sums"][name], value, rtol=1e-6, atol=1e-9)
+            else:  # sums of fp32 probabilities over hundreds of tokens, added up in another order: ~1e-6
+                torch.testing.assert_close(ours[split]["sums"][name], value, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("method", METHODS)
