@@ -13,6 +13,7 @@ from moelab.modules.bench import (
     VariantSpec,
     latency_benchmark,
     markdown_table,
+    memory_floor,
     paired_ratios,
     probe_in_subprocess,
     train_step_benchmark,
@@ -53,6 +54,18 @@ def test_fast_paths_are_checked_and_floors_counted_on_the_grouped_path(tiny_resu
         assert grouped["flop_floor"] == dense["flop_floor"] == grouped["flops_ratio"]
         assert dense["flops_ratio"] > grouped["flops_ratio"], "the dense path computes every expert"
     assert variants["lora_r128"]["flop_floor"] > variants["lora_r16_dropout0"]["flop_floor"] == 1.0
+
+
+def test_memory_floor_adds_the_variants_own_state_to_lora_r16s_peak(tiny_result):
+    _, result = tiny_result
+    variants = result["variants"]
+    reference, mixlora = variants[REFERENCE], variants["mixlora"]
+    for values in (reference, mixlora):  # AdamW: two fp32 moments per parameter, and a step count per tensor
+        assert 0 <= values["optimizer_state_bytes"] - 2 * 4 * values["parameters"] <= 4 * 100
+    assert reference["routing_bytes"] == 0 < mixlora["routing_bytes"]
+    measured = {**reference, "peak_memory_bytes": 10**6}
+    extra = mixlora["optimizer_state_bytes"] - reference["optimizer_state_bytes"] + mixlora["routing_bytes"]
+    assert memory_floor(mixlora, measured) == (10**6 + extra) / 10**6 and memory_floor(reference, measured) == 1.0
 
 
 def test_markdown_table_lists_every_variant(tiny_result):

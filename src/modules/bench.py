@@ -17,8 +17,11 @@ something only on a GPU; on a CPU read the ratios.
     ``torch.utils.flop_counter`` (a routed method's floor is counted on its grouped top-k path, which does
     only the selected experts' work; ``flops_ratio`` is what the variant as configured executes);
   - ``peak_memory_ratio``: on a CPU, the peak resident memory that two train steps add on top of the built
-    model, measured in a fresh subprocess per variant (``/proc`` high-water mark, reset after building);
-    on CUDA, ``torch.cuda.max_memory_allocated``;
+    model, measured in a fresh subprocess per variant (``/proc`` high-water mark, reset after building; glibc's
+    mmap threshold fixed, ``PROBE_ENV``, so that it follows the live tensors); on CUDA,
+    ``torch.cuda.max_memory_allocated``;
+  - ``peak_memory_floor``: the least that ratio can be if the variant's activations cost what LoRA r16's do:
+    LoRA r16's peak plus the variant's extra optimizer state and routing records (:func:`memory_floor`);
   - ``check``: every fast path is compared with its reference (``expert_compute: dense``) on the same
     weights before it is timed, loss and adapter gradients, dropout off; a failing variant is not timed.
 
@@ -52,7 +55,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from moelab.adapters import config_from_dict, count_parameters, inject, merge_and_unload, registered_adapters
-from moelab.adapters.base import LLAMA_PROJECTIONS
+from moelab.adapters.base import LLAMA_PROJECTIONS, routed_modules
 
 # Real architectures' shapes (random weights: timing needs no trained values).
 SHAPES = {
@@ -83,6 +86,7 @@ class Variant:
     parameters: dict[str, int] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
     peak_memory: int | None = None
+    optimizer: torch.optim.Optimizer | None = None
 
 
 @dataclass
@@ -259,7 +263,7 @@ def build_variant(spec: VariantSpec, base: nn.Module, device: torch.device) -> t
     return model.to(device), adapter
 
 
-def _train_step(model: nn.Module, adapter, batch: dict) -> Callable[[], None]:
+def _train_step(model: nn.Module, adapter, batch: dict) -> tuple[Callable[[], None], torch.optim.Optimizer | None]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     embeddings = model.get_input_embeddings()
@@ -279,7 +283,7 @@ def _train_step(model: nn.Module, adapter, batch: dict) -> Callable[[], None]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return step, optimizer
 
 
 def make_batch(model: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> dict:
@@ -351,6 +355,13 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # -- peak memory, one subprocess per variant ---------------------------------------------------------------
 
+# glibc serves a large allocation from its heap once a freed mapping was larger than its (then raised) mmap
+# threshold, and keeps freed heap memory resident: with the default, dynamic threshold the peak RSS of one
+# variant moved by 40 MiB between identical runs at Llama-3.2-3B shapes, and counted memory no tensor held.
+# Fixed, every buffer from 128 KiB up is mapped and unmapped on its own, and the peak RSS follows the live tensors
+# (what torch.cuda.max_memory_allocated counts on a GPU). Other C libraries ignore the variable.
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
 
 def _rss_high_water() -> int:
     """The process's peak resident set (VmHWM) in bytes."""
@@ -375,12 +386,26 @@ def memory_probe(request: dict) -> dict:
     model, adapter = build_variant(VariantSpec(**request["spec"]), base, torch.device("cpu"))
     del base
     batch = make_batch(model, request["batch_size"], request["seq_len"], torch.device("cpu"))
-    step = _train_step(model, adapter, batch)
+    step, _ = _train_step(model, adapter, batch)
     before = _current_rss()
     _reset_rss_high_water()
     for _ in range(2):
         step()
     return {"step_peak_bytes": _rss_high_water() - before, "rss_before_bytes": before}
+
+
+def held_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """What a variant holds through its steps besides activations: its optimizer's state (AdamW: two moments per
+    trainable parameter) and the routing records of its last forward (routing probabilities, logits and selected
+    experts, which the balance losses read and the router's backward keeps)."""
+    state = [t for values in (optimizer.state.values() if optimizer else []) for t in values.values()
+             if torch.is_tensor(t)]
+    records = [t for _, module in routed_modules(model) for t in vars(module.routing).values() if torch.is_tensor(t)]
+    return {"optimizer_state_bytes": _storage_bytes(state), "routing_bytes": _storage_bytes(records)}
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def _current_rss() -> int:
@@ -393,7 +418,7 @@ def _current_rss() -> int:
 def probe_in_subprocess(spec: VariantSpec, shape: ModelShape, batch_size: int, seq_len: int, threads: int) -> dict:
     request = {"spec": asdict(spec), "shape": asdict(shape), "batch_size": batch_size, "seq_len": seq_len,
                "threads": threads}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, **PROBE_ENV, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run([sys.executable, "-m", "moelab.modules.bench", json.dumps(request)], env=env,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -441,7 +466,8 @@ def train_step_benchmark(conf_dir: Path, bench: TrainBench, methods: list[str], 
         figures[spec.name] = {"parameters": count_parameters(model)["trainable"], **check_and_count(model, adapter,
                                                                                                        batch)}
         if figures[spec.name].get("check", True):
-            variants.append(Variant(spec.name, model, _train_step(model, adapter, batch)))
+            step, optimizer = _train_step(model, adapter, batch)
+            variants.append(Variant(spec.name, model, step, optimizer=optimizer))
     load_before = machine_load(threads)
     _timed_rounds(variants, bench.rounds, bench.warmup, device)
     load_after = machine_load(threads)
@@ -454,6 +480,7 @@ def train_step_benchmark(conf_dir: Path, bench: TrainBench, methods: list[str], 
             seconds = timed[name].seconds
             values.update(paired_ratios(seconds, reference.seconds), median_s=statistics.median(seconds),
                           tokens_per_s=bench.batch_size * bench.seq_len / statistics.median(seconds))
+            values.update(held_state_bytes(timed[name].model, timed[name].optimizer))
             if device.type == "cuda":
                 values["peak_memory_bytes"] = timed[name].peak_memory
     del variants, timed, reference
@@ -473,16 +500,16 @@ def markdown_table(result: dict) -> str:
               + (" — **machine busy during the run (load above free cores): ratios are noisy**"
                  if result["load"]["busy"] else ""))
     lines = [header, "", "| variant | ratio (median) | range | ratio of minimums | FLOP floor | FLOPs executed | "
-                         "peak memory | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+                         "peak memory | memory floor | tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
         if "ratio" not in v:
             lines.append(f"| {name} | not timed: fast path differs from its reference by "
-                         f"{v.get('check_max_relative_error', float('nan')):.1e} | | | | | | |")
+                         f"{v.get('check_max_relative_error', float('nan')):.1e} | | | | | | | |")
             continue
-        memory = f"{v['peak_memory_ratio']:.2f}" if "peak_memory_ratio" in v else "—"
+        memory, floor = (f"{v[key]:.2f}" if key in v else "—" for key in ("peak_memory_ratio", "peak_memory_floor"))
         lines.append(f"| {name} | {v['ratio']:.2f} | {v['range'][0]:.2f}–{v['range'][1]:.2f} | "
                      f"{v['ratio_of_minimums']:.2f} | {v['flop_floor']:.2f} | {v['flops_ratio']:.2f} | {memory} | "
-                     f"{v['tokens_per_s']:.0f} |")
+                     f"{floor} | {v['tokens_per_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -495,10 +522,23 @@ def _add_memory(figures: dict, bench: TrainBench, conf_dir: Path, methods: list[
             figures[spec.name]["memory"] = probe
             if "step_peak_bytes" in probe:
                 figures[spec.name]["peak_memory_bytes"] = probe["step_peak_bytes"]
-    reference = figures[REFERENCE].get("peak_memory_bytes")
+    reference = figures[REFERENCE]
+    peak = reference.get("peak_memory_bytes")
     for values in figures.values():
-        if reference and values.get("peak_memory_bytes") is not None:
-            values["peak_memory_ratio"] = values["peak_memory_bytes"] / reference
+        if peak and values.get("peak_memory_bytes") is not None:
+            values["peak_memory_ratio"] = values["peak_memory_bytes"] / peak
+        if peak and "optimizer_state_bytes" in values:
+            values["peak_memory_floor"] = memory_floor(values, reference)
+
+
+def memory_floor(values: dict, reference: dict) -> float:
+    """The peak step memory the variant cannot go below if its activations cost what LoRA r16's do, over LoRA r16's
+    peak: the reference's measured peak, plus what the variant's own state adds to it (optimizer moments and
+    routing records, :func:`held_state_bytes`, beyond the reference's). The rank-r factors of the routed slots
+    (T·k·r per expert projection, where LoRA keeps T·r) are a few hundred KiB at the benchmark's shapes and not
+    counted; gradients are not either, since the peak of a step can come before any of them exists."""
+    extra = sum(values[key] - reference[key] for key in ("optimizer_state_bytes", "routing_bytes"))
+    return (reference["peak_memory_bytes"] + extra) / reference["peak_memory_bytes"]
 
 
 # -- inference latency ----------------------------------------------------------------------------------
