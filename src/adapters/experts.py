@@ -255,14 +255,18 @@ def _offsets(counts: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
 
 
-def segment_mm(x: Tensor, weight: Tensor, counts: tuple[int, ...]) -> Tensor:
+def segment_mm(x: Tensor, weight: Tensor, counts: tuple[int, ...], add_to: Tensor | None = None) -> Tensor:
     """``x[rows of e] @ weight[e]`` for rows sorted by expert (``counts[e]`` rows each) and ``weight`` [E, a, b]
-    (any strides): [S, a] → [S, b], written into one output."""
+    (any strides): [S, a] → [S, b], written into one output, or added in place to ``add_to`` [S, b]."""
     if _grouped_mm_is_fast(x, weight):
-        return torch._grouped_mm(x, weight, offs=_offsets(counts, x.device))
-    out = x.new_empty(x.shape[0], weight.shape[-1])
+        out = torch._grouped_mm(x, weight, offs=_offsets(counts, x.device))
+        return out if add_to is None else add_to.add_(out)
+    out = x.new_empty(x.shape[0], weight.shape[-1]) if add_to is None else add_to
     for expert, start, end in _segments(counts):
-        torch.mm(x[start:end], weight[expert], out=out[start:end])
+        if add_to is None:
+            torch.mm(x[start:end], weight[expert], out=out[start:end])
+        else:
+            torch.addmm(out[start:end], x[start:end], weight[expert], out=out[start:end])
     return out
 
 

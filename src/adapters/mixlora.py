@@ -204,15 +204,15 @@ class _GroupedSlots(torch.autograd.Function):
         mask = gate0.new_empty(gate_h.shape[0], gate0.shape[1], dtype=torch.bool) if plan.dropout else None
         with torch.autocast(device_type=gate0.device.type, enabled=False):
             for chunk in plan.chunks:
-                rows = chunk.rows
-                gate, up = _slot_inputs(gate0, up0, gate_h, up_h, gate_B, up_B, chunk, plan)
-                act = plan.act_fn(gate) * up
-                _add_rows(mix, plan.order.tokens[rows], act.to(accumulate) * weights[rows, None].to(accumulate),
-                          chunk)
-                if mask is not None:
-                    act = _dropped(act, mask[rows].bernoulli_(1.0 - plan.dropout), plan.dropout)
+                rows, tokens = chunk.rows, plan.order.tokens[chunk.rows]
+                act = _slot_activations(gate0, up0, gate_h, up_h, gate_B, up_B, chunk, plan)
+                _add_rows(mix, tokens, act.to(accumulate) * weights[rows, None].to(accumulate), chunk)
+                if mask is not None:  # uniform draws against p: the mask of a Bernoulli draw, at less cost on a CPU
+                    act = act * torch.ge(torch.rand(act.shape, device=act.device), plan.dropout, out=mask[rows])
                 z[rows] = segment_mm(act.to(plan.matmul_dtype), down_A[chunk.experts].to(plan.matmul_dtype).mT,
                                      chunk.counts)
+        if mask is not None:
+            z.mul_(1.0 / (1.0 - plan.dropout))  # inverted dropout's scale, applied to the rank-r side
         ctx.save_for_backward(gate0, up0, gate_h, up_h, weights, gate_B, up_B, down_A, mask)
         ctx.plan = plan
         return mix, z
@@ -229,6 +229,8 @@ class _GroupedSlots(torch.autograd.Function):
         grad_weights = torch.zeros_like(weights, dtype=accumulate)
         grad_gate_B, grad_up_B = torch.zeros_like(gate_B, dtype=mm), torch.zeros_like(up_B, dtype=mm)
         grad_down_A = torch.zeros_like(down_A, dtype=mm)
+        if grad_z is not None and mask is not None:
+            grad_z = grad_z * (1.0 / (1.0 - plan.dropout))
         with torch.autocast(device_type=gate0.device.type, enabled=False):
             for chunk in plan.chunks:
                 rows, experts, tokens = chunk.rows, chunk.experts, plan.order.tokens[chunk.rows]
@@ -243,15 +245,15 @@ class _GroupedSlots(torch.autograd.Function):
                     grad_act = torch.zeros_like(value, dtype=accumulate)
                 else:
                     grad_act = grad_mix.index_select(0, tokens).to(accumulate)
-                    grad_weights[rows] = (grad_act * value.to(accumulate)).sum(-1)
+                    grad_weights[rows] = torch.linalg.vecdot(grad_act, value.to(accumulate))
                     grad_act.mul_(weights[rows, None].to(accumulate))
                 if grad_z is not None:
                     keep, grad_rows = None if mask is None else mask[rows], grad_z[rows].to(mm)
-                    dropped = value if keep is None else _dropped(value, keep, plan.dropout)
+                    dropped = value if keep is None else value * keep
                     grad_down_A[experts] = segment_outer(grad_rows, dropped.to(mm), chunk.counts)
                     del dropped
                     grad_dropped = segment_mm(grad_rows, down_A[experts].to(mm), chunk.counts)
-                    grad_act += grad_dropped if keep is None else _dropped(grad_dropped, keep, plan.dropout)
+                    grad_act += grad_dropped if keep is None else grad_dropped.mul_(keep)
                     del grad_dropped
                 grad_gate, grad_up = torch.autograd.grad(act, (gate, up), grad_act.to(act.dtype))
                 del act, value, gate, up, grad_act
@@ -268,17 +270,27 @@ class _GroupedSlots(torch.autograd.Function):
 
 def _slot_inputs(gate0: Tensor, up0: Tensor, gate_h: Tensor, up_h: Tensor, gate_B: Tensor, up_B: Tensor,
                  chunk: ExpertChunk, plan: _SlotPlan) -> tuple[Tensor, Tensor]:
-    """``(W x)_t + B_e h_s`` of W1 and W3 for the chunk's slots, in the activation dtype (the LoRA term rounded to
-    it first, as the dense path adds it)."""
+    """``(W x)_t + B_e h_s`` of W1 and W3 for the chunk's slots, in the activation dtype. The LoRA term is rounded
+    to it before the sum, as the dense path adds it; when no rounding is needed the GEMMs add into the gathered
+    rows themselves."""
     tokens, mm = plan.order.tokens[chunk.rows], plan.matmul_dtype
-    return tuple(base.index_select(0, tokens).to(plan.act_dtype)
-                 + segment_mm(h[chunk.rows].to(mm), B[chunk.experts].to(mm).mT, chunk.counts).to(plan.act_dtype)
-                 for base, h, B in ((gate0, gate_h, gate_B), (up0, up_h, up_B)))
+    inputs = []
+    for base, h, B in ((gate0, gate_h, gate_B), (up0, up_h, up_B)):
+        rows = base.index_select(0, tokens).to(plan.act_dtype)
+        h, B = h[chunk.rows].to(mm), B[chunk.experts].to(mm).mT
+        if mm == plan.act_dtype:
+            segment_mm(h, B, chunk.counts, add_to=rows)
+        else:
+            rows += segment_mm(h, B, chunk.counts).to(plan.act_dtype)
+        inputs.append(rows)
+    return tuple(inputs)
 
 
-def _dropped(x: Tensor, keep: Tensor, p: float) -> Tensor:
-    """Inverted dropout with a given mask, as ``nn.Dropout`` scales: kept entries by ``1 / (1 − p)``."""
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+def _slot_activations(gate0: Tensor, up0: Tensor, gate_h: Tensor, up_h: Tensor, gate_B: Tensor, up_B: Tensor,
+                      chunk: ExpertChunk, plan: _SlotPlan) -> Tensor:
+    """``act(gate_s) ⊙ up_s`` of the chunk's slots (no autograd: the function's own forward)."""
+    gate, up = _slot_inputs(gate0, up0, gate_h, up_h, gate_B, up_B, chunk, plan)
+    return plan.act_fn(gate).mul_(up)
 
 
 def _add_rows(target: Tensor, tokens: Tensor, rows: Tensor, chunk: ExpertChunk) -> None:
