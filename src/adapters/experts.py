@@ -29,7 +29,7 @@ The per-expert GEMMs (:func:`segment_mm`, and :func:`segment_outer` for the weig
 output rather than concatenating per-expert pieces: ``torch._grouped_mm`` where it is a real grouped GEMM
 (CUDA, bf16, compute capability 9.0 or later, 16-byte aligned strides), a loop of ``torch.mm`` everywhere
 else. Callers that hold per-slot intermediates too large to keep whole (MixLoRA's FFN) walk the slots in
-chunks of whole experts (:func:`expert_chunks`). Moving rows out of the sorted order is a gather whose
+chunks (:func:`expert_chunks`). Moving rows out of the sorted order is a gather whose
 backward is again a gather (:func:`permute_rows`). The slot counts are read on the host once per call (the
 loop and the chunks need them): a synchronisation that costs nothing on a CPU and one small copy on a GPU,
 and the one departure from the no-sync rule above. :meth:`LoraExperts.forward` (dense, masked) is the
@@ -46,6 +46,7 @@ methods that compose existing LoRAs (MoLE, LoRA-Mixer).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import math
@@ -200,7 +201,7 @@ def _segments(counts: tuple[int, ...]) -> list[tuple[int, int, int]]:
 
 @dataclass(frozen=True)
 class ExpertChunk:
-    """Experts ``first … first + len(counts) − 1`` and their sorted rows ``start … end − 1``."""
+    """Sorted rows ``start … end − 1``: ``counts[i]`` of them belong to expert ``first + i``."""
 
     first: int
     start: int
@@ -221,16 +222,16 @@ class ExpertChunk:
 
 
 def expert_chunks(counts: tuple[int, ...], max_rows: int) -> list[ExpertChunk]:
-    """Consecutive experts grouped into chunks of at most ``max_rows`` sorted rows (an expert with more rows is a
-    chunk of its own), so that a computation over the slots can hold one chunk's intermediates at a time."""
-    chunks, first, start, rows = [], 0, 0, 0
-    for expert, count in enumerate(counts):
-        if rows and rows + count > max_rows:
-            chunks.append(ExpertChunk(first, start, start + rows, counts[first:expert]))
-            first, start, rows = expert, start + rows, 0
-        rows += count
-    if rows:
-        chunks.append(ExpertChunk(first, start, start + rows, counts[first:]))
+    """The sorted rows in consecutive chunks of at most ``max_rows``, each with its rows per expert (an expert's rows
+    may go on in the next chunk), so that a computation over the slots holds one chunk's intermediates at a time."""
+    ends = list(itertools.accumulate(counts))
+    chunks, start = [], 0
+    while start < ends[-1]:
+        end = min(start + max_rows, ends[-1])
+        first, last = bisect.bisect_right(ends, start), bisect.bisect_left(ends, end)
+        rows = tuple(min(ends[e], end) - max(ends[e] - counts[e], start) for e in range(first, last + 1))
+        chunks.append(ExpertChunk(first, start, end, rows))
+        start = end
     return chunks
 
 

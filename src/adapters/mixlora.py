@@ -187,12 +187,14 @@ class _GroupedSlots(torch.autograd.Function):
     [S, inter] tensors, 6k times one activation of the frozen FFN, in every layer until its backward. This
     keeps ``W1 x`` and ``W3 x`` ([T, inter], which the frozen FFN's own backward would keep too), the rank-r
     factors and a one-byte dropout mask, and recomputes gate, up and a in backward (two rank-r GEMMs per slot
-    and elementwise work, no frozen-size GEMM). Forward and backward run over chunks of whole experts of at most
-    T slots, so that their intermediates are never larger than one [T, inter] activation either.
+    and elementwise work, no frozen-size GEMM). Forward and backward run over chunks of the sorted slots
+    (``plan.chunks``), so that their intermediates stay within about one [T, inter] activation as well.
 
     Rows enter ``mix`` (and the gradients of ``W1 x``, ``W3 x``) per expert: a token has at most one slot per
     expert, so no ``index_add_`` call adds twice to one row and the order of the sum is fixed (on CUDA repeated
-    rows would be added atomically, in any order).
+    rows would be added atomically, in any order). The dropout mask is drawn as uniform numbers compared with p,
+    which a CPU draws faster than ``bernoulli_``, and its ``1 / (1 − p)`` scales the rank-r side (z and its
+    gradient), not [S, inter] tensors.
     """
 
     @staticmethod
@@ -250,7 +252,7 @@ class _GroupedSlots(torch.autograd.Function):
                 if grad_z is not None:
                     keep, grad_rows = None if mask is None else mask[rows], grad_z[rows].to(mm)
                     dropped = value if keep is None else value * keep
-                    grad_down_A[experts] = segment_outer(grad_rows, dropped.to(mm), chunk.counts)
+                    grad_down_A[experts] += segment_outer(grad_rows, dropped.to(mm), chunk.counts)
                     del dropped
                     grad_dropped = segment_mm(grad_rows, down_A[experts].to(mm), chunk.counts)
                     grad_act += grad_dropped if keep is None else grad_dropped.mul_(keep)
@@ -262,7 +264,7 @@ class _GroupedSlots(torch.autograd.Function):
                 for grad, h, B, grad_h, grad_B in ((grad_gate, gate_h, gate_B, grad_gate_h, grad_gate_B),
                                                    (grad_up, up_h, up_B, grad_up_h, grad_up_B)):
                     grad_h[rows] = segment_mm(grad.to(mm), B[experts].to(mm), chunk.counts)
-                    grad_B[experts] = segment_outer(grad.to(mm), h[rows].to(mm), chunk.counts)
+                    grad_B[experts] += segment_outer(grad.to(mm), h[rows].to(mm), chunk.counts)
         return (grad_gate0.to(gate0.dtype), grad_up0.to(up0.dtype), grad_gate_h.to(gate_h.dtype),
                 grad_up_h.to(up_h.dtype), grad_weights.to(weights.dtype), grad_gate_B.to(gate_B.dtype),
                 grad_up_B.to(up_B.dtype), grad_down_A.to(down_A.dtype), None)
@@ -367,9 +369,9 @@ class MixLoraFFN(AdapterLayer):
         weights = slot_weights.reshape(-1).index_select(0, order.order)
         gate0, up0 = self._base(0)(x), self._base(1)(x)
         dropout = down.dropout.p if isinstance(down.dropout, nn.Dropout) and down.dropout.training else 0.0
-        # chunks of about T/4 slots (one expert's at top-2 of 8): the backward holds a handful of [rows, inter]
-        # intermediates of a chunk at a time, together about one [T, inter] activation of the frozen FFN
-        chunks = expert_chunks(order.counts, max_rows=max(1, x.shape[0] // 4))
+        # chunks of T/8 slots: the backward holds about ten [rows, inter] intermediates of a chunk at a time,
+        # together about one [T, inter] activation of the frozen FFN
+        chunks = expert_chunks(order.counts, max_rows=max(1, x.shape[0] // 8))
         # the activation module's forward without its hooks: the function calls it again in backward, where hooks
         # that track modules (FlopCounterMode's) would attach to a graph that the outer backward is running
         act_fn = getattr(self.base_layer.act_fn, "forward", self.base_layer.act_fn)
