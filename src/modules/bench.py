@@ -20,8 +20,9 @@ something only on a GPU; on a CPU read the ratios.
     model, measured in a fresh subprocess per variant (``/proc`` high-water mark, reset after building; glibc's
     mmap threshold fixed, ``PROBE_ENV``, so that it follows the live tensors); on CUDA,
     ``torch.cuda.max_memory_allocated``;
-  - ``peak_memory_floor``: the least that ratio can be if the variant's activations cost what LoRA r16's do:
-    LoRA r16's peak plus the variant's extra optimizer state and routing records (:func:`memory_floor`);
+  - ``peak_memory_floor``: a lower bound of that ratio, what the maths holds whatever the implementation: the
+    ``base`` row's peak (backpropagation through the frozen model) plus the variant's optimizer state and routing
+    records, over LoRA r16's peak (:func:`memory_floor`);
   - ``check``: every fast path is compared with its reference (``expert_compute: dense``) on the same
     weights before it is timed, loss and adapter gradients, dropout off; a failing variant is not timed.
 
@@ -75,6 +76,7 @@ DEFAULT_SEQ_LEN = {"tiny": 128, "smollm2_135m": 128, "llama3_2_3b": 64, "llama2_
 REDUCED_VOCAB = 512  # the vocabulary of a model cut to a few layers (see the module docstring)
 LORA_R16_ALL = {"target_modules": list(LLAMA_PROJECTIONS), "r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 REFERENCE = "lora_r16"
+BASE = "base"  # the row without an adapter: backpropagation through the frozen model alone
 CHECK_RTOL = 1e-4  # fast path vs reference at real shapes, fp32: relative to the largest entry
 
 
@@ -222,7 +224,7 @@ def train_variant_specs(conf_dir: Path, methods: list[str]) -> list[VariantSpec]
     """Reference rows (base, LoRA r16 and its twins, LoRA r128, PEFT's LoRA r16) and every method in ``methods``
     with its defaults; routed methods also with the other ``expert_compute``, and shared dropout masks
     (``lora_dropout_sharing: per_input``) for every method that has dropout."""
-    specs = [VariantSpec("base", "base"),
+    specs = [VariantSpec(BASE, "base"),
              VariantSpec(REFERENCE, "adapter", "lora", LORA_R16_ALL),
              VariantSpec("lora_r16_dropout0", "adapter", "lora", {**LORA_R16_ALL, "lora_dropout": 0.0}),
              VariantSpec("lora_r16_per_input", "adapter", "lora",
@@ -522,23 +524,22 @@ def _add_memory(figures: dict, bench: TrainBench, conf_dir: Path, methods: list[
             figures[spec.name]["memory"] = probe
             if "step_peak_bytes" in probe:
                 figures[spec.name]["peak_memory_bytes"] = probe["step_peak_bytes"]
-    reference = figures[REFERENCE]
-    peak = reference.get("peak_memory_bytes")
+    peak, frozen = (figures[name].get("peak_memory_bytes") for name in (REFERENCE, BASE))
     for values in figures.values():
         if peak and values.get("peak_memory_bytes") is not None:
             values["peak_memory_ratio"] = values["peak_memory_bytes"] / peak
-        if peak and "optimizer_state_bytes" in values:
-            values["peak_memory_floor"] = memory_floor(values, reference)
+        if peak and frozen and "optimizer_state_bytes" in values:
+            values["peak_memory_floor"] = memory_floor(values, frozen) / peak
 
 
-def memory_floor(values: dict, reference: dict) -> float:
-    """The peak step memory the variant cannot go below if its activations cost what LoRA r16's do, over LoRA r16's
-    peak: the reference's measured peak, plus what the variant's own state adds to it (optimizer moments and
-    routing records, :func:`held_state_bytes`, beyond the reference's). The rank-r factors of the routed slots
-    (T·k·r per expert projection, where LoRA keeps T·r) are a few hundred KiB at the benchmark's shapes and not
-    counted; gradients are not either, since the peak of a step can come before any of them exists."""
-    extra = sum(values[key] - reference[key] for key in ("optimizer_state_bytes", "routing_bytes"))
-    return (reference["peak_memory_bytes"] + extra) / reference["peak_memory_bytes"]
+def memory_floor(values: dict, frozen_peak: int) -> int:
+    """Bytes below which a variant's step peak cannot go: what backpropagating through the frozen model holds
+    (``frozen_peak``, the measured peak of the ``base`` row), plus the variant's optimizer state and routing
+    records (:func:`held_state_bytes`), which live through the whole step. Everything else an adapter keeps —
+    the inputs of its A factors, dropout masks, the rank-r factors of every slot (T·k·r per expert projection),
+    gradients during backward — depends on how it is computed and is left out: the floor is a lower bound, the
+    gap to the measured peak what an implementation adds to it."""
+    return frozen_peak + values["optimizer_state_bytes"] + values["routing_bytes"]
 
 
 # -- inference latency ----------------------------------------------------------------------------------
