@@ -20,16 +20,20 @@ or per layer and averaged (``"per_layer"``); uniform routing gives ``k``. Paddin
 ``routing_tokens=answer``, prompt) tokens are masked with the batch's token mask.
 
 Fast path (design.md "Speed by design"): ``W1 h`` and ``W3 h`` are computed once for all tokens, ``W2``
-once on the routing-weighted mix ``Σ_j w̃_j a_j`` of the slots' activations ``[T, k, inter]`` (memory k×,
-not E×, the FFN activations). The mix is summed in fp32 and rounded once before ``W2`` (the official code,
-too, accumulates the weighted expert outputs in fp32). The experts' LoRA factors, ``expert_compute``:
+once on the routing-weighted mix ``Σ_j w̃_j a_j`` of the slots' activations ``[T, k, inter]`` (k×, not E×,
+the FFN activations). The mix is summed in fp32 and rounded once before ``W2`` (the official code, too,
+accumulates the weighted expert outputs in fp32). The experts' LoRA factors, ``expert_compute``:
 
 * ``grouped`` (default, the faster at real shapes in the benchmark): every expert's A of W1/W3 once on h
   (``[T, E·r]``, the cheap factor), each slot's r columns picked, and only the selected B, and for W2 only the
-  selected A and B, as one GEMM per expert over the slots sorted by expert (experts.py, "Grouped top-k").
+  selected A and B, as one GEMM per expert over the slots sorted by expert (experts.py, "Grouped top-k"). The
+  slots' activations are never kept for backward: one autograd function (:class:`_GroupedSlots`) keeps
+  ``W1 h``, ``W3 h``, the rank-r factors and a one-byte dropout mask, and recomputes the rest in backward, so
+  that a layer holds what a LoRA'd FFN holds rather than six ``[T, k, inter]`` tensors.
 * ``dense``: every expert on every token, masked by one-hot slot masks: no data-dependent shapes and no host
-  synchronisation, at E/k times the FLOPs of the selected experts' B (and of W2's A and B). It is the
-  reference the grouped path is tested against (outputs and gradients).
+  synchronisation, at E/k times the FLOPs of the selected experts' B (and of W2's A and B), and with autograd
+  keeping every slot's activations. It is the reference the grouped path is tested against (outputs and
+  gradients).
 
 :meth:`MixLoraFFN.reference_forward` is the per-expert loop (gather the tokens of each expert, run its FFN)
 that the tests compare both paths with.
