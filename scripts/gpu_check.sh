@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The accelerator path in one prepared run (make gpu-check): the GPU-marked tests, the tiny command for every
-# method on the GPU (bf16-mixed, lm-eval on the GPU), DDP and FSDP with one device, and the speed benchmark at
-# Llama-3.2-3B shapes. Everything lands in $OUT (default gpu_check_out/), summed up in gpu_check.json.
+# The accelerator path in one prepared run (make gpu-check): the GPU-marked tests (among them the grouped experts'
+# torch._grouped_mm against their torch.mm loop), the tiny command for every method on the GPU (bf16-mixed,
+# lm-eval on the GPU), DDP and FSDP with one device, and the speed benchmark at Llama-3.2-3B shapes. Everything
+# lands in $OUT (default gpu_check_out/), summed up in gpu_check.json.
 #
 #   scripts/gpu_check.sh             on a GPU machine (about 5 minutes on one H100/H200)
 #   scripts/gpu_check.sh --dry-run   the same steps on the CPU, small: what CI runs to test this script

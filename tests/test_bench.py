@@ -6,13 +6,16 @@ from conftest import CONF
 
 from moelab.adapters import registered_adapters
 from moelab.modules.bench import (
+    BASE,
     REDUCED_VOCAB,
     REFERENCE,
     ModelShape,
     TrainBench,
     VariantSpec,
+    _add_memory,
     latency_benchmark,
     markdown_table,
+    memory_floor,
     paired_ratios,
     probe_in_subprocess,
     train_step_benchmark,
@@ -53,6 +56,25 @@ def test_fast_paths_are_checked_and_floors_counted_on_the_grouped_path(tiny_resu
         assert grouped["flop_floor"] == dense["flop_floor"] == grouped["flops_ratio"]
         assert dense["flops_ratio"] > grouped["flops_ratio"], "the dense path computes every expert"
     assert variants["lora_r128"]["flop_floor"] > variants["lora_r16_dropout0"]["flop_floor"] == 1.0
+
+
+def test_memory_floor_adds_the_variants_own_state_to_the_frozen_models_peak(tiny_result):
+    _, result = tiny_result
+    variants = result["variants"]
+    reference, mixlora = variants[REFERENCE], variants["mixlora"]
+    for values in (reference, mixlora):  # AdamW: two fp32 moments per parameter, and a step count per tensor
+        assert 0 <= values["optimizer_state_bytes"] - 2 * 4 * values["parameters"] <= 4 * 100
+    assert reference["routing_bytes"] == 0 < mixlora["routing_bytes"]
+    held = mixlora["optimizer_state_bytes"] + mixlora["routing_bytes"]
+    assert memory_floor(mixlora, frozen_peak=10**6) == 10**6 + held
+    assert memory_floor(reference, frozen_peak=10**6) == 10**6 + reference["optimizer_state_bytes"]
+    # the table's figures: ratios to LoRA r16's measured peak, the floor built on the base row's
+    figures = {name: {**variants[name], "peak_memory_bytes": peak}
+               for name, peak in ((BASE, 10**6), (REFERENCE, 2 * 10**6), ("mixlora", 3 * 10**6))}
+    _add_memory(figures, TrainBench(ModelShape("tiny"), memory=False), CONF, [], CPU, threads=1)
+    assert figures["mixlora"]["peak_memory_ratio"] == 1.5
+    assert figures["mixlora"]["peak_memory_floor"] == (10**6 + held) / (2 * 10**6)
+    assert figures[BASE]["peak_memory_floor"] == 0.5 <= figures[REFERENCE]["peak_memory_floor"] < 1.0
 
 
 def test_markdown_table_lists_every_variant(tiny_result):

@@ -259,6 +259,27 @@ def test_output_norms_equal_the_direct_norms():
     torch.testing.assert_close(furina.output_norms(h, b), direct, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("loss_activation", ["scaled", "unscaled"])
+def test_training_forward_keeps_no_weight_sized_tensor_for_backward(loss_activation):
+    # B̃ (or Ŵ) of the selection loss, B_j G_j of the row norms and the folded update factor are each as large as
+    # the self-routing experts' B: autograd would keep them until backward, in every adapted linear
+    module = layer(d_out=40, dtype=torch.float32, loss_activation=loss_activation)
+    module.train()
+    frozen = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    kept = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in frozen:
+            kept.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = module(torch.randn(3, 12, requires_grad=True))
+        sum(module.aux_losses().values(), out.square().sum()).backward()
+    assert kept and max(t.numel() for t in kept) < module.num_self_routing * 40 * module.config.r
+    assert module.magnitude.grad.abs().sum() > 0 and module.experts.lora_B.grad.abs().sum() > 0
+
+
 def test_selection_loss_backpropagates_at_v_zero_without_nan():
     module = layer(dtype=torch.float32)
     with torch.no_grad():

@@ -1,13 +1,16 @@
 """Checks of the accelerator path, marked ``gpu``: scripts/gpu_check.sh runs them on a GPU
 (MOELAB_TEST_ACCELERATOR=gpu); everywhere else they run on the CPU, where they still check that scoring
-follows the trainer (device and precision), not the parameters."""
+follows the trainer (device and precision), not the parameters, and that the grouped experts' GEMMs give
+``torch._grouped_mm`` offsets and layouts it computes correctly."""
 
 import os
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, randomize_adapter, tiny_model, token_batch
 
+from moelab.adapters import inject
+from moelab.adapters.mixlora import MixLoraConfig
 from moelab.modules import training
 from moelab.modules.training import Scoring, run
 
@@ -54,3 +57,40 @@ def test_a_tiny_run_trains_and_scores_on_the_accelerator(tmp_path):
                                  f"paths.cache_dir={tmp_path / 'cache'}"))
     assert results["status"] == "ok" and results["scoring"]["precision"] == "bf16-mixed"
     assert results["scoring"]["device"].startswith("cuda" if ACCELERATOR == "gpu" else "cpu")
+
+
+def test_grouped_expert_gemms_run_grouped_mm_where_it_is_fast_and_equal_the_loop(monkeypatch):
+    # On a GPU of compute capability 9.0 or later, MixLoRA's grouped path under bf16 autocast runs its per-expert
+    # GEMMs (forward and backward, inside its slot function and in W2's B) as torch._grouped_mm; it must train
+    # like the torch.mm loop. Elsewhere torch._grouped_mm is forced onto its CPU fallback, so that the offsets
+    # and layouts it is given are checked on every machine.
+    from moelab.adapters import experts
+
+    device = torch.device("cuda" if ACCELERATOR == "gpu" else "cpu")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        pytest.skip("torch._grouped_mm has grouped kernels from compute capability 9.0 on")
+    model, _ = tiny_model()
+    adapter = inject(model, MixLoraConfig(num_experts=8, top_k=2, lora_dropout=0.0))
+    randomize_adapter(model, scale=0.1)
+    model.to(device).train()
+    batch = {key: value.to(device) for key, value in token_batch(batch=4, seq=16).items()}
+    params = adapter.trainable_parameters(model)
+    calls = []
+    grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *args, **kwargs: calls.append(1) or grouped_mm(*args, **kwargs))
+
+    def loss_and_grads():
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        return [loss.detach(), *torch.autograd.grad(loss, params)]
+
+    if device.type == "cpu":
+        monkeypatch.setattr(experts, "_grouped_mm_is_fast", lambda *tensors: True)
+    fast = loss_and_grads()
+    assert calls, "the grouped GEMMs ran torch._grouped_mm"
+    monkeypatch.setattr(experts, "_grouped_mm_is_fast", lambda *tensors: False)
+    count = len(calls)
+    loop = loss_and_grads()
+    assert len(calls) == count, "the reference ran the torch.mm loop"
+    for a, b in zip(fast, loop, strict=True):  # bf16 GEMMs of another kernel: equal to bf16 rounding
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * b.abs().max().item())

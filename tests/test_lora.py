@@ -9,7 +9,7 @@ from conftest import tiny_model
 from torch import nn
 
 from moelab.adapters import AdapterConfigError, adapter_layers, count_parameters, inject
-from moelab.adapters.experts import LoraExperts, SharedDropout
+from moelab.adapters.experts import LoraExperts, SharedDropout, expert_chunks
 from moelab.adapters.lora import LoraConfig, LoraLinear
 
 
@@ -174,6 +174,19 @@ def test_grouped_experts_equal_the_dense_path(tokens, num_experts, top_k):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     unused = set(range(num_experts)) - set(selected.flatten().tolist())
     assert all(torch.count_nonzero(grads_grouped[3][e]) == 0 for e in unused)
+
+
+@pytest.mark.parametrize("max_rows", [1, 2, 4, 6, 100])
+def test_expert_chunks_tile_the_sorted_rows(max_rows):
+    counts = (3, 0, 5, 2, 0, 4)
+    chunks = expert_chunks(counts, max_rows)
+    assert [c.start for c in chunks] == [0, *(c.end for c in chunks[:-1])] and chunks[-1].end == sum(counts)
+    assert all(0 < c.end - c.start <= max_rows and sum(c.counts) == c.end - c.start for c in chunks)
+    per_expert = [0] * len(counts)
+    for chunk in chunks:
+        for offset, rows in enumerate(chunk.counts):
+            per_expert[chunk.first + offset] += rows
+    assert per_expert == list(counts)
 
 
 def test_grouped_matmul_follows_autocast():

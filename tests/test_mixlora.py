@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -26,10 +27,13 @@ from moelab.adapters import (
     merge,
 )
 from moelab.adapters.base import AdapterModule, BatchContext
+from moelab.adapters.experts import expert_chunks, slot_order
 from moelab.adapters.lora import LoraConfig, LoraLinear
 from moelab.adapters.mixlora import (
     MixLoraConfig,
     MixLoraFFN,
+    _GroupedSlots,
+    _SlotPlan,
     from_official,
     from_official_config,
     to_official,
@@ -113,6 +117,70 @@ def test_grouped_experts_equal_the_dense_reference_in_training():
     assert len(grads[0]) > 8 and any(torch.count_nonzero(g) for g in grads[1])
     for dense, grouped in zip(*grads, strict=True):
         torch.testing.assert_close(grouped, dense, rtol=1e-5, atol=1e-7)
+
+
+def grouped_slots_case(dropout: float, max_rows: int = 3):
+    """Small fp64 inputs of the grouped slots' function (5 tokens, 3 experts, top-2, inter 8, rank 2) and its
+    plan, with chunks of at most ``max_rows`` slots so that several chunks run."""
+    generator = torch.Generator().manual_seed(0)
+    tokens, experts, inter, rank = 5, 3, 8, 2
+    selected = torch.stack([torch.randperm(experts, generator=generator)[:2] for _ in range(tokens)])
+    order = slot_order(selected, experts)
+    plan = _SlotPlan(order, expert_chunks(order.counts, max_rows), F.silu, dropout, torch.float64, torch.float64)
+    shapes = [(tokens, inter), (tokens, inter), (2 * tokens, rank), (2 * tokens, rank), (2 * tokens,),
+              (experts, inter, rank), (experts, inter, rank), (experts, rank, inter)]
+    inputs = [torch.randn(shape, generator=generator, dtype=torch.float64).requires_grad_() for shape in shapes]
+    assert len(plan.chunks) > 1
+    return inputs, plan
+
+
+def test_grouped_slots_backward_matches_finite_differences_with_dropout():
+    # the grouped path's hand-written backward, with W2's expert dropout on (the comparisons with the dense
+    # path run without it): fp64 finite differences, the mask drawn alike in every call by a fixed seed
+    inputs, plan = grouped_slots_case(dropout=0.4)
+
+    def slots(*tensors):
+        torch.manual_seed(0)
+        return _GroupedSlots.apply(*tensors, plan)
+
+    assert torch.autograd.gradcheck(slots, inputs, eps=1e-6, atol=1e-7)
+    assert not torch.allclose(slots(*inputs)[1], _GroupedSlots.apply(*inputs, replace(plan, dropout=0.0))[1])
+
+
+def test_grouped_slots_dropout_keeps_the_expectation():
+    # inverted dropout on W2's expert input: averaged over masks, z is its value without dropout
+    inputs, plan = grouped_slots_case(dropout=0.5)
+    with torch.no_grad():
+        expected = _GroupedSlots.apply(*inputs, replace(plan, dropout=0.0))[1]
+        torch.manual_seed(0)
+        mean = torch.stack([_GroupedSlots.apply(*inputs, plan)[1] for _ in range(2000)]).mean(0)
+    torch.testing.assert_close(mean, expected, rtol=0, atol=0.05 * expected.abs().max().item())
+
+
+def test_grouped_path_keeps_no_per_slot_activation_for_backward():
+    # what autograd keeps of one FFN until its backward: on the grouped path W1 x and W3 x ([T, inter]) and a
+    # one-byte dropout mask per slot, no [T, k, inter] copy of the FFN's activations (the dense path keeps five)
+    kept = {}
+    for compute in ("grouped", "dense"):
+        model, _ = mixlora_model(expert_compute=compute)
+        randomize(model)
+        layer = model.model.layers[0].mlp.train()
+        frozen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        saved = {}
+
+        def pack(tensor, saved=saved, frozen=frozen):
+            if tensor.untyped_storage().data_ptr() not in frozen:
+                saved[tensor.untyped_storage().data_ptr()] = tensor
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            layer(torch.randn(1, 40, 64, requires_grad=True))
+        kept[compute] = list(saved.values())
+    activation = 40 * layer.base_layer.up_proj.out_features  # one [T, inter] activation of the frozen FFN
+    floats = [t.numel() for t in kept["grouped"] if t.is_floating_point()]
+    assert max(floats) == activation and floats.count(activation) == 2
+    assert [t.shape for t in kept["grouped"] if not t.is_floating_point() and t.numel() > 80] == [(80, 128)]
+    assert sum(tuple(t.shape) == (40, 2, 128) for t in kept["dense"]) == 5
 
 
 def test_expert_compute_is_validated():

@@ -24,15 +24,16 @@ the largest rank: the padded rows and columns contribute exactly nothing.
 path above still multiplies by every expert's B. The grouped path computes only the selected slots: the
 k·T routing slots are sorted by expert (:func:`slot_order`), each slot picks its expert's r columns of the
 down projection (the A of every expert stays one GEMM on the input as it is, rather than k gathered copies
-of it; :meth:`LoraExperts.grouped_down` serves inputs that are per slot already, such as MixLoRA's W2), and
-one GEMM per expert maps its contiguous run of slots through its B (:func:`grouped_matmul`, a loop of
-``torch.mm`` into one output with its own backward, so that no per-expert outputs are concatenated). Moving
-rows into and out of the sorted order are gathers whose backward is again a gather (:func:`permute_rows`).
-The slot counts are read on the host once per call (the loop needs them): a synchronisation that costs
-nothing on a CPU and one small copy on a GPU, and the one departure from the no-sync rule above. (On
-SM90+ GPUs ``torch._grouped_mm`` could replace the loop for bf16; it is not wired in, for lack of a GPU to
-test it on.) :meth:`LoraExperts.forward` (dense, masked) is the reference the tests compare the grouped
-path with, outputs and gradients.
+of it), and one GEMM per expert maps its contiguous run of slots through its B (:func:`grouped_matmul`).
+The per-expert GEMMs (:func:`segment_mm`, and :func:`segment_outer` for the weights' gradients) write into one
+output rather than concatenating per-expert pieces: ``torch._grouped_mm`` where it is a real grouped GEMM
+(CUDA, bf16, compute capability 9.0 or later, 16-byte aligned strides), a loop of ``torch.mm`` everywhere
+else. Callers that hold per-slot intermediates too large to keep whole (MixLoRA's FFN) walk the slots in
+chunks (:func:`expert_chunks`). Moving rows out of the sorted order is a gather whose
+backward is again a gather (:func:`permute_rows`). The slot counts are read on the host once per call (the
+loop and the chunks need them): a synchronisation that costs nothing on a CPU and one small copy on a GPU,
+and the one departure from the no-sync rule above. :meth:`LoraExperts.forward` (dense, masked) is the
+reference the tests compare the grouped path with, outputs and gradients.
 
 **Shared dropout masks** (``lora_dropout_sharing``). ``per_module`` (PEFT's behaviour): every LoRA module
 draws its own mask. ``per_input``: modules that read the same tensor in one forward (q/k/v of an attention
@@ -45,6 +46,8 @@ methods that compose existing LoRAs (MoLE, LoRA-Mixer).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 import re
@@ -181,11 +184,6 @@ def permute_rows(x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
     return _PermuteRows.apply(x, index, inverse)
 
 
-def to_sorted(slots: Tensor, order: SlotOrder) -> Tensor:
-    """Slot rows [T·k, ...] in slot order → sorted by expert."""
-    return permute_rows(slots, order.order, order.inverse)
-
-
 def from_sorted(rows: Tensor, order: SlotOrder) -> Tensor:
     """Sorted rows [S, d] → per token and slot, [T, k, d]."""
     return permute_rows(rows, order.inverse, order.order).unflatten(0, (-1, order.top_k))
@@ -201,42 +199,117 @@ def _segments(counts: tuple[int, ...]) -> list[tuple[int, int, int]]:
     return bounds
 
 
+@dataclass(frozen=True)
+class ExpertChunk:
+    """Sorted rows ``start … end − 1``: ``counts[i]`` of them belong to expert ``first + i``."""
+
+    first: int
+    start: int
+    end: int
+    counts: tuple[int, ...]
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.end)
+
+    @property
+    def experts(self) -> slice:
+        return slice(self.first, self.first + len(self.counts))
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """``(expert, start, end)`` of each of its experts that has rows, counted from the chunk's first."""
+        return _segments(self.counts)
+
+
+def expert_chunks(counts: tuple[int, ...], max_rows: int) -> list[ExpertChunk]:
+    """The sorted rows in consecutive chunks of at most ``max_rows``, each with its rows per expert (an expert's rows
+    may go on in the next chunk), so that a computation over the slots holds one chunk's intermediates at a time."""
+    ends = list(itertools.accumulate(counts))
+    chunks, start = [], 0
+    while start < ends[-1]:
+        end = min(start + max_rows, ends[-1])
+        first, last = bisect.bisect_right(ends, start), bisect.bisect_left(ends, end)
+        rows = tuple(min(ends[e], end) - max(ends[e] - counts[e], start) for e in range(first, last + 1))
+        chunks.append(ExpertChunk(first, start, end, rows))
+        start = end
+    return chunks
+
+
+def matmul_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype a plain matmul of ``x`` by ``weight`` computes in: autocast's when it is on, else the weight's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+def _grouped_mm_is_fast(*tensors: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` beats a loop of ``torch.mm``: only its CUDA kernels for bf16 on compute
+    capability 9.0 and later are grouped GEMMs (elsewhere it loops itself, with host synchronisations), and
+    they need every pointer and stride aligned to 16 bytes."""
+    x = tensors[0]
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and all(t.dtype == torch.bfloat16 and t.data_ptr() % 16 == 0
+                    and all(stride % 8 == 0 for stride in t.stride() if stride != 1) for t in tensors))
+
+
+def _offsets(counts: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
+
+
+def segment_mm(x: Tensor, weight: Tensor, counts: tuple[int, ...], add_to: Tensor | None = None) -> Tensor:
+    """``x[rows of e] @ weight[e]`` for rows sorted by expert (``counts[e]`` rows each) and ``weight`` [E, a, b]
+    (any strides): [S, a] → [S, b], written into one output, or added in place to ``add_to`` [S, b]."""
+    if _grouped_mm_is_fast(x, weight):
+        out = torch._grouped_mm(x, weight, offs=_offsets(counts, x.device))
+        return out if add_to is None else add_to.add_(out)
+    out = x.new_empty(x.shape[0], weight.shape[-1]) if add_to is None else add_to
+    for expert, start, end in _segments(counts):
+        if add_to is None:
+            torch.mm(x[start:end], weight[expert], out=out[start:end])
+        else:
+            torch.addmm(out[start:end], x[start:end], weight[expert], out=out[start:end])
+    return out
+
+
+def segment_outer(x: Tensor, y: Tensor, counts: tuple[int, ...]) -> Tensor:
+    """``x[rows of e]ᵀ @ y[rows of e]`` per expert (a weight's gradient): [S, a], [S, b] → [E, a, b], zero for
+    an expert without rows."""
+    if _grouped_mm_is_fast(x, y):
+        out = torch._grouped_mm(x.T, y, offs=_offsets(counts, x.device))
+        for expert in (e for e, count in enumerate(counts) if not count):
+            out[expert].zero_()  # an empty group's sum, not left to the kernel
+        return out
+    out = x.new_zeros(len(counts), x.shape[1], y.shape[1])
+    for expert, start, end in _segments(counts):
+        torch.mm(x[start:end].T, y[start:end], out=out[expert])
+    return out
+
+
 class _GroupedMatmul(torch.autograd.Function):
-    """``out[s] = x[s] @ weight[e(s)]ᵀ`` for rows sorted by expert: one ``torch.mm`` per expert, written into
-    one preallocated output (and gradient) rather than concatenated."""
+    """``out[s] = x[s] @ weight[e(s)]ᵀ`` for rows sorted by expert (:func:`segment_mm`), and its backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, counts: tuple[int, ...]) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.counts = counts
-        out = x.new_empty(x.shape[0], weight.shape[1])
-        for expert, start, end in _segments(counts):
-            torch.mm(x[start:end], weight[expert].T, out=out[start:end])
-        return out
+        return segment_mm(x, weight.transpose(1, 2), counts)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         with torch.autocast(device_type=grad.device.type, enabled=False):  # a backward run inside autocast
-            for expert, start, end in _segments(ctx.counts):
-                if grad_x is not None:
-                    torch.mm(grad[start:end], weight[expert], out=grad_x[start:end])
-                if grad_w is not None:
-                    torch.mm(grad[start:end].T, x[start:end], out=grad_w[expert])
+            grad_x = segment_mm(grad, weight, ctx.counts) if ctx.needs_input_grad[0] else None
+            grad_w = segment_outer(grad, x, ctx.counts) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
 
 def grouped_matmul(x: Tensor, weight: Tensor, order: SlotOrder) -> Tensor:
     """``x`` [S, a] sorted by expert times each row's ``weight[e]ᵀ`` (``weight``: [E, b, a]) → [S, b].
 
-    Under autocast both run in the autocast dtype, as a plain matmul would; the loop itself runs with autocast
+    Under autocast both run in the autocast dtype, as a plain matmul would; the GEMMs themselves run with autocast
     off, since ``torch.mm(out=...)`` cannot change dtype."""
-    dtype = weight.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = matmul_dtype(x, weight)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _GroupedMatmul.apply(x.to(dtype).contiguous(), weight.to(dtype), order.counts)
 
@@ -302,14 +375,13 @@ class LoraExperts(nn.Module):
         rows = order.tokens * self.num_experts + order.experts  # unique (token, expert) pairs
         return h.reshape(-1, self.rank).index_select(0, rows)
 
-    def grouped_down(self, x: Tensor, order: SlotOrder) -> Tensor:
-        """``A_e dropout(x_s)`` for rows ``x`` [S, d_in] already sorted by expert: only the selected A."""
-        return grouped_matmul(self.dropout(x), self.lora_A, order)
+    def scale_slots(self, h: Tensor, order: SlotOrder) -> Tensor:
+        """Sorted rows ``h`` [S, r] times their expert's scale ``s_e``."""
+        return h * self.scaling.to(h.dtype).index_select(0, order.experts)[:, None]
 
     def grouped_up(self, h: Tensor, order: SlotOrder) -> Tensor:
         """``s_e B_e h_s`` for sorted rows ``h`` [S, r]: only the selected B."""
-        h = h * self.scaling.to(h.dtype).index_select(0, order.experts)[:, None]
-        return grouped_matmul(h, self.lora_B, order)
+        return grouped_matmul(self.scale_slots(h, order), self.lora_B, order)
 
     def routed(self, x: Tensor, selected: Tensor, slot_weights: Tensor, h: Tensor | None = None) -> Tensor:
         """``Σ_j w_j s_e B_e A_e x`` over each token's k slots (``selected``, ``slot_weights``: [T, k]) for

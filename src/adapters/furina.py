@@ -14,7 +14,10 @@ The forward pass uses exactly that form, and merging adds the same ``ΔW``, so m
 agree to rounding. Per step it computes ``d_j`` once (for ``B̃`` and the selection loss), one normalisation
 factor ``v ⊘ (d_j + ε)`` [N_sr, d_out], folds it and the shared experts' ``α/r`` into the weight-side
 factor, and adds ``h @ [s B̃_1 … s B̃_N]ᵀ`` to the base output in one ``addmm`` (no loop over experts and no
-activation-sized scaling or sum).
+activation-sized scaling or sum). What a training step keeps for backward is the parameters, ``h`` and the
+[N_sr, d_out] factors: the folded factor, ``B̃_j`` of the selection loss and ``B_j G_j`` of the row norms, each
+as large as the experts' B, are formed again in backward (:class:`_ScaledUpdate`, :func:`recomputed`) rather
+than held through the step in every adapted linear.
 
 ``d_j`` is computed without forming ``B_j A_j`` (§6.5): with ``G_j = A_j A_jᵀ`` (r × r),
 ``d_j² = rowsum((B_j G_j) ⊙ B_j)``.
@@ -63,13 +66,15 @@ ours (the paper does not define them), hence the flags above.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .base import LLAMA_PROJECTIONS, Adapter, AdapterLayer, register, require
-from .experts import adapter_dtype
+from .experts import adapter_dtype, matmul_dtype
 from .lora import LoraConfig
 from .routing import Routing, balance_loss_terms, full_precision, masked_mean
 
@@ -128,10 +133,31 @@ def safe_sqrt(z: Tensor) -> Tensor:
     return torch.where(positive, torch.where(positive, z, 1.0).sqrt(), 0.0)
 
 
-def output_norms(h: Tensor, b: Tensor) -> Tensor:
-    """``‖b_j h_j‖₂`` for ``h: [T, J, r]``, ``b: [J, d_out, r]``, through the r × r Gram matrices ``b_jᵀ b_j``."""
-    gram = b.mT @ b
-    return safe_sqrt(torch.einsum("tjr,jrs,tjs->tj", h, gram, h))
+def recomputed(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
+    """``fn(*tensors)``, its intermediates recomputed in backward (a checkpoint) instead of kept: for the
+    weight-side products below, as large as the experts' B, which a step would otherwise hold from forward to
+    backward in every layer, while redoing them costs a few elementwise passes over weights."""
+    if not torch.is_grad_enabled():
+        return fn(*tensors)
+    return checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=False)
+
+
+def _l2_row_norms(a: Tensor, b: Tensor) -> Tensor:
+    return safe_sqrt(((b @ (a @ a.mT)) * b).sum(-1))
+
+
+def _output_norms(h: Tensor, b: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    b = (b if scale is None else b * scale[..., None]).to(dtype)
+    h = h.flatten(0, -3).to(dtype)
+    return safe_sqrt(torch.einsum("tjr,jrs,tjs->tj", h, b.mT @ b, h))
+
+
+def output_norms(h: Tensor, b: Tensor, scale: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """``‖b_j h_j‖₂`` [T, J] for ``h: [..., J, r]``, ``b: [J, d_out, r]`` (its rows scaled by ``scale`` [J, d_out]
+    when given), through the r × r Gram matrices ``b_jᵀ b_j``, in ``dtype`` (default: h's). Everything it forms
+    (scaled b, the tokens' h in one block and in ``dtype``, h times the Gram matrices) is recomputed in backward:
+    kept, each would be the size of the experts' B or of h once more."""
+    return recomputed(_output_norms, h, b, scale, dtype or h.dtype)
 
 
 def selection_loss(activations: Tensor, top_k: int, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -142,6 +168,47 @@ def selection_loss(activations: Tensor, top_k: int, mask: Tensor | None) -> tupl
     slot_load, importance = balance_loss_terms(shares, top, mask)  # F per top-k slot [K, N_sr], P [N_sr]
     balance = shares.shape[-1] * (slot_load.sum(0) / top_k * importance).sum()
     return shares, top, divergence, balance
+
+
+def _fold(lora_B: Tensor, factor: Tensor, scaling: Tensor) -> Tensor:
+    """The update's right factor [d_out, N·r], as ``experts.low_rank_factors(effective_B())`` computes it: B_j's
+    rows times ``factor`` [N, d_out] (in its dtype, then rounded to B's), then times the stack's scale ``s_j``."""
+    n, d_out, r = lora_B.shape
+    b = (lora_B.to(factor.dtype) * factor[..., None]).to(lora_B.dtype) * scaling.to(lora_B.dtype)[:, None, None]
+    return b.permute(1, 0, 2).reshape(d_out, n * r)
+
+
+class _ScaledUpdate(torch.autograd.Function):
+    """``result + h @ _fold(lora_B, factor, scaling)ᵀ`` (``result`` [T, d_out], ``h`` [T, N·r]) as one ``addmm``,
+    the same values as :meth:`FurinaLinear._add_update`, but keeping ``lora_B`` (a parameter) and ``factor`` for
+    backward instead of the folded factor: that is as large as the experts' B, held from forward to backward in
+    every adapted linear, while folding again in backward is an elementwise pass over weights."""
+
+    @staticmethod
+    def forward(ctx, result: Tensor, h: Tensor, lora_B: Tensor, factor: Tensor, scaling: Tensor) -> Tensor:
+        folded = _fold(lora_B, factor, scaling)
+        ctx.save_for_backward(h, lora_B, factor, scaling)
+        ctx.matmul_dtype, ctx.result_dtype = matmul_dtype(h, folded), result.dtype
+        return torch.addmm(result.to(folded.dtype), h.to(folded.dtype), folded.T)  # under autocast as it stands
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, None]:
+        h, lora_B, factor, scaling = ctx.saved_tensors
+        dtype = ctx.matmul_dtype
+        grad_h = grad_B = grad_factor = None
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            if ctx.needs_input_grad[1]:
+                grad_h = (grad.to(dtype) @ _fold(lora_B, factor, scaling).to(dtype)).to(h.dtype)
+            if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+                n, d_out, r = lora_B.shape
+                folded_grad = (grad.to(dtype).T @ h.to(dtype)).to(lora_B.dtype).view(d_out, n, r).permute(1, 0, 2)
+                # back through _fold: the stack's scale, the rounding to B's dtype, the row factor
+                rows_grad = (folded_grad * scaling.to(lora_B.dtype)[:, None, None]).to(factor.dtype)
+                if ctx.needs_input_grad[2]:
+                    grad_B = (rows_grad * factor[..., None]).to(lora_B.dtype)
+                if ctx.needs_input_grad[3]:
+                    grad_factor = (rows_grad * lora_B.to(factor.dtype)).sum(-1)
+        return grad.to(ctx.result_dtype), grad_h, grad_B, grad_factor, None
 
 
 def _forget_inference_B_on_load(module: FurinaLinear, *args) -> None:
@@ -177,30 +244,27 @@ class FurinaLinear(AdapterLayer):
         b = self.experts.lora_B[self.num_shared:].to(dtype)
         with full_precision(b):  # bf16 autocast would round the norms that every expert is divided by
             if self.config.magnitude_norm == "l2_row":
-                norms = safe_sqrt(((b @ (a @ a.mT)) * b).sum(-1))
+                norms = recomputed(_l2_row_norms, a, b)
             else:
                 norms = (b @ a.sum(-1, keepdim=True)).squeeze(-1)  # W_j · 1 = B_j (A_j 1)
         return norms.detach() if self.config.detach_norm else norms
 
-    def directions(self, norms: Tensor | None = None) -> Tensor:
-        """The left factors of ``Ŵ_j``: ``diag(d_j + ε)⁻¹ B_j`` [N_sr, d_out, r], in at least fp32. ``norms``:
-        the :meth:`row_norms` of this step when the caller has them already."""
-        b = self.experts.lora_B[self.num_shared:]
+    def magnitude_factor(self, norms: Tensor | None = None) -> Tensor:
+        """``v ⊘ (d_j + ε)`` [N_sr, d_out], in at least fp32: the row scale of every self-routing B in the update.
+        ``norms``: the :meth:`row_norms` of this step when the caller has them already."""
         norms = self.row_norms() if norms is None else norms
-        return b.to(adapter_dtype(b.dtype)) / (norms + self.config.eps)[..., None]
+        return self.magnitude.to(adapter_dtype(self.magnitude.dtype)) / (norms + self.config.eps)
 
     def effective_B(self, norms: Tensor | None = None) -> Tensor:
         """``[B_1 … B_N]`` with ``B̃_j = diag(v ⊘ (d_j + ε)) B_j`` for the self-routing experts (§6.4);
         the stack's scale (``α/r`` for shared experts, 1 otherwise) applies on top. The normalisation is one
-        ``[N_sr, d_out]`` factor ``v ⊘ (d_j + ε)`` applied to B once (not a division and then a product over
-        the whole ``[N_sr, d_out, r]``); ``norms`` as in :meth:`directions`."""
+        ``[N_sr, d_out]`` factor (:meth:`magnitude_factor`) applied to B once (not a division and then a product
+        over the whole ``[N_sr, d_out, r]``); ``norms`` as there."""
         shared = self.experts.lora_B[:self.num_shared]
         if not self.num_self_routing:
             return shared
-        dtype = adapter_dtype(self.magnitude.dtype)
-        norms = self.row_norms() if norms is None else norms
-        factor = self.magnitude.to(dtype) / (norms + self.config.eps)  # [N_sr, d_out]
-        routed = self.experts.lora_B[self.num_shared:].to(dtype) * factor[..., None]
+        factor = self.magnitude_factor(norms)
+        routed = self.experts.lora_B[self.num_shared:].to(factor.dtype) * factor[..., None]
         return torch.cat([shared, routed.to(shared.dtype)])
 
     # -- the inference cache -----------------------------------------------------------------------------
@@ -248,17 +312,31 @@ class FurinaLinear(AdapterLayer):
 
     def adapted_forward(self, x: Tensor) -> Tensor:
         h = self.experts.down(x)  # [..., N, r]: every expert's A_j x
-        norms = None
-        if self.training or torch.is_grad_enabled():
-            norms = self.row_norms() if self.num_self_routing else None  # d_j once per step, for B̃ and the loss
-            b = self.effective_B(norms)
-        else:
-            b = self.inference_B()
-        out = self._add_update(self.base_layer(x), h, b)
+        result = self.base_layer(x)
         self.routing, self.losses = None, {}
+        routed_h = h[..., self.num_shared:, :]
+        if not (self.training or torch.is_grad_enabled()):  # inference: the cached B̃, no autograd to feed
+            b = self.inference_B()
+            if self.num_self_routing:
+                self._observe_selection(routed_h, *self._selection_rows(b[self.num_shared:], None, None))
+            return self._add_update(result, h, b)
+        # training: B and its row factors, never a B̃ kept for backward (:class:`_ScaledUpdate`); d_j once per step
+        norms = self.row_norms() if self.num_self_routing else None
+        factor = self.magnitude_factor(norms) if self.num_self_routing else None
+        flat = result.reshape(-1, result.shape[-1])
+        out = _ScaledUpdate.apply(flat, h.reshape(flat.shape[0], -1), self.experts.lora_B, self._row_factors(factor),
+                                  self.experts.scaling)
         if self.num_self_routing:
-            self._observe_selection(h[..., self.num_shared:, :].flatten(0, -3), b[self.num_shared:], norms)
-        return out
+            self._observe_selection(routed_h, *self._selection_rows(self.experts.lora_B[self.num_shared:], norms,
+                                                                    factor))
+        return out.to(result.dtype).reshape(result.shape)
+
+    def _row_factors(self, factor: Tensor | None) -> Tensor:
+        """The row factor of every expert's B [N, d_out]: 1 for a shared expert, :meth:`magnitude_factor` for a
+        self-routing one."""
+        dtype = adapter_dtype(self.experts.lora_B.dtype) if factor is None else factor.dtype
+        ones = torch.ones(self.num_shared, self.experts.d_out, dtype=dtype, device=self.experts.lora_B.device)
+        return ones if factor is None else torch.cat([ones, factor])
 
     def _add_update(self, result: Tensor, h: Tensor, b: Tensor) -> Tensor:
         """``result + [s B̃_1 … s B̃_N] h`` as one ``addmm``: the scales are folded into the (weight-side) factor,
@@ -269,16 +347,25 @@ class FurinaLinear(AdapterLayer):
         out = torch.addmm(flat.to(folded.dtype), h.reshape(flat.shape[0], -1).to(folded.dtype), folded.T)
         return out.to(result.dtype).reshape(result.shape)
 
-    def _observe_selection(self, h: Tensor, routed_B: Tensor, norms: Tensor | None) -> None:
-        """Selection loss and routing record from the self-routing experts' ``h_j = A_j x`` [T, N_sr, r];
-        skipped in a plain eval forward. ``norms``: the forward's ``d_j``, when it computed them."""
-        mask = self.context.flat_token_mask(h.shape[0])
+    def _selection_rows(self, b: Tensor, norms: Tensor | None, factor: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The self-routing B rows the selection loss measures, and their row scale (None: ``b`` is scaled
+        already): ``v ⊙ Ŵ_j`` (``scaled``: the update's ``B̃_j``) or ``Ŵ_j`` (``unscaled``). ``b``: B̃ (inference)
+        or the plain B; ``norms``, ``factor``: this forward's, when it computed them."""
+        if self.config.loss_activation == "scaled":
+            return b, factor
+        b = self.experts.lora_B[self.num_shared:]
+        norms = self.row_norms() if norms is None else norms
+        return b, 1.0 / (norms + self.config.eps)
+
+    def _observe_selection(self, h: Tensor, b: Tensor, scale: Tensor | None) -> None:
+        """Selection loss and routing record from the self-routing experts' ``h_j = A_j x`` [..., N_sr, r];
+        skipped in a plain eval forward. ``b``, ``scale``: :meth:`_selection_rows`."""
+        mask = self.context.flat_token_mask(h.shape[:-2].numel())
         if not (self.training or mask is not None):
             return
-        b = routed_B if self.config.loss_activation == "scaled" else self.directions(norms)
         dtype = adapter_dtype(h.dtype)  # the loss in at least fp32, like every router, autocast or not
         with full_precision(h):
-            activations = output_norms(h.to(dtype), b.to(dtype))
+            activations = output_norms(h, b, None if scale is None else scale.to(dtype), dtype)
             shares, top, divergence, balance = selection_loss(activations, self.config.top_k, mask)
         coef = self.config.aux_loss_coef
         self.losses = {"selection_div": coef * divergence, "selection_bal": coef * balance}

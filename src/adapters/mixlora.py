@@ -20,16 +20,20 @@ or per layer and averaged (``"per_layer"``); uniform routing gives ``k``. Paddin
 ``routing_tokens=answer``, prompt) tokens are masked with the batch's token mask.
 
 Fast path (design.md "Speed by design"): ``W1 h`` and ``W3 h`` are computed once for all tokens, ``W2``
-once on the routing-weighted mix ``Σ_j w̃_j a_j`` of the slots' activations ``[T, k, inter]`` (memory k×,
-not E×, the FFN activations). The mix is summed in fp32 and rounded once before ``W2`` (the official code,
-too, accumulates the weighted expert outputs in fp32). The experts' LoRA factors, ``expert_compute``:
+once on the routing-weighted mix ``Σ_j w̃_j a_j`` of the slots' activations ``[T, k, inter]`` (k×, not E×,
+the FFN activations). The mix is summed in fp32 and rounded once before ``W2`` (the official code, too,
+accumulates the weighted expert outputs in fp32). The experts' LoRA factors, ``expert_compute``:
 
 * ``grouped`` (default, the faster at real shapes in the benchmark): every expert's A of W1/W3 once on h
   (``[T, E·r]``, the cheap factor), each slot's r columns picked, and only the selected B, and for W2 only the
-  selected A and B, as one GEMM per expert over the slots sorted by expert (experts.py, "Grouped top-k").
+  selected A and B, as one GEMM per expert over the slots sorted by expert (experts.py, "Grouped top-k"). The
+  slots' activations are never kept for backward: one autograd function (:class:`_GroupedSlots`) keeps
+  ``W1 h``, ``W3 h``, the rank-r factors and a one-byte dropout mask, and recomputes the rest in backward, so
+  that a layer holds what a LoRA'd FFN holds rather than six ``[T, k, inter]`` tensors.
 * ``dense``: every expert on every token, masked by one-hot slot masks: no data-dependent shapes and no host
-  synchronisation, at E/k times the FLOPs of the selected experts' B (and of W2's A and B). It is the
-  reference the grouped path is tested against (outputs and gradients).
+  synchronisation, at E/k times the FLOPs of the selected experts' B (and of W2's A and B), and with autograd
+  keeping every slot's activations. It is the reference the grouped path is tested against (outputs and
+  gradients).
 
 :meth:`MixLoraFFN.reference_forward` is the per-expert loop (gather the tokens of each expert, run its FFN)
 that the tests compare both paths with.
@@ -68,6 +72,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -89,11 +94,15 @@ from .base import (
     require,
 )
 from .experts import (
+    ExpertChunk,
     LoraExperts,
     SlotOrder,
+    expert_chunks,
     from_sorted,
+    matmul_dtype,
+    segment_mm,
+    segment_outer,
     slot_order,
-    to_sorted,
 )
 from .lora import LoraConfig, LoraLinear
 from .routed import RoutedLoraAdapter, RoutedLoraConfig
@@ -154,6 +163,148 @@ class MixLoraConfig(RoutedLoraConfig):
                           lora_dropout_sharing=self.lora_dropout_sharing)
 
 
+# ---------------------------------------------------------------------------------------------- grouped slots
+
+
+@dataclass(frozen=True)
+class _SlotPlan:
+    """What :class:`_GroupedSlots` needs besides tensors: the slot order, the FFN's activation, the dropout
+    probability of W2's experts (0 outside training), the dtypes of the activations and of the LoRA matmuls."""
+
+    order: SlotOrder
+    chunks: list[ExpertChunk]
+    act_fn: Callable[[Tensor], Tensor]
+    dropout: float
+    act_dtype: torch.dtype
+    matmul_dtype: torch.dtype
+
+
+class _GroupedSlots(torch.autograd.Function):
+    """The per-slot part of the FFN on the grouped path, with the memory of the frozen FFN's own activations.
+
+    For the S = T·k slots sorted by expert, with ``h_s`` the slot's scaled A-factor of W1 and ``u_s`` of W3:
+
+        gate_s = (W1 x)_t + B1_e h_s,   up_s = (W3 x)_t + B3_e u_s,   a_s = act(gate_s) ⊙ up_s
+        mix_t  = Σ_{s of t} w̃_s a_s  (fp32),   z_s = A2_e dropout(a_s)
+
+    Autograd would keep gate, act(gate), up, a, the dropout mask and the dropped copy for backward: six
+    [S, inter] tensors, 6k times one activation of the frozen FFN, in every layer until its backward. This
+    keeps ``W1 x`` and ``W3 x`` ([T, inter], which the frozen FFN's own backward would keep too), the rank-r
+    factors and a one-byte dropout mask, and recomputes gate, up and a in backward (two rank-r GEMMs per slot
+    and elementwise work, no frozen-size GEMM). Forward and backward run over chunks of the sorted slots
+    (``plan.chunks``), so that their intermediates stay within about one [T, inter] activation as well.
+
+    Rows enter ``mix`` (and the gradients of ``W1 x``, ``W3 x``) per expert: a token has at most one slot per
+    expert, so no ``index_add_`` call adds twice to one row and the order of the sum is fixed (on CUDA repeated
+    rows would be added atomically, in any order). The dropout mask is drawn as uniform numbers compared with p,
+    which a CPU draws faster than ``bernoulli_``, and its ``1 / (1 − p)`` scales the rank-r side (z and its
+    gradient), not [S, inter] tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, gate0: Tensor, up0: Tensor, gate_h: Tensor, up_h: Tensor, weights: Tensor, gate_B: Tensor,
+                up_B: Tensor, down_A: Tensor, plan: _SlotPlan) -> tuple[Tensor, Tensor]:
+        accumulate = torch.promote_types(plan.act_dtype, torch.float32)
+        mix = gate0.new_zeros(gate0.shape, dtype=accumulate)
+        z = gate_h.new_empty(gate_h.shape[0], down_A.shape[1], dtype=plan.matmul_dtype)
+        mask = gate0.new_empty(gate_h.shape[0], gate0.shape[1], dtype=torch.bool) if plan.dropout else None
+        with torch.autocast(device_type=gate0.device.type, enabled=False):
+            for chunk in plan.chunks:
+                rows, tokens = chunk.rows, plan.order.tokens[chunk.rows]
+                act = _slot_activations(gate0, up0, gate_h, up_h, gate_B, up_B, chunk, plan)
+                _add_rows(mix, tokens, act.to(accumulate) * weights[rows, None].to(accumulate), chunk)
+                if mask is not None:  # uniform draws against p: the mask of a Bernoulli draw, at less cost on a CPU
+                    act = act * torch.ge(torch.rand(act.shape, device=act.device), plan.dropout, out=mask[rows])
+                z[rows] = segment_mm(act.to(plan.matmul_dtype), down_A[chunk.experts].to(plan.matmul_dtype).mT,
+                                     chunk.counts)
+        if mask is not None:
+            z.mul_(1.0 / (1.0 - plan.dropout))  # inverted dropout's scale, applied to the rank-r side
+        ctx.save_for_backward(gate0, up0, gate_h, up_h, weights, gate_B, up_B, down_A, mask)
+        ctx.plan = plan
+        return mix, z
+
+    @staticmethod
+    def backward(ctx, grad_mix: Tensor | None, grad_z: Tensor | None) -> tuple:
+        gate0, up0, gate_h, up_h, weights, gate_B, up_B, down_A, mask = ctx.saved_tensors
+        plan = ctx.plan
+        mm = plan.matmul_dtype
+        accumulate = torch.promote_types(plan.act_dtype, torch.float32)
+        grad_gate0 = gate0.new_zeros(gate0.shape, dtype=plan.act_dtype)
+        grad_up0 = torch.zeros_like(grad_gate0)
+        grad_gate_h, grad_up_h = torch.empty_like(gate_h, dtype=mm), torch.empty_like(up_h, dtype=mm)
+        grad_weights = torch.zeros_like(weights, dtype=accumulate)
+        grad_gate_B, grad_up_B = torch.zeros_like(gate_B, dtype=mm), torch.zeros_like(up_B, dtype=mm)
+        grad_down_A = torch.zeros_like(down_A, dtype=mm)
+        if grad_z is not None and mask is not None:
+            grad_z = grad_z * (1.0 / (1.0 - plan.dropout))
+        with torch.autocast(device_type=gate0.device.type, enabled=False):
+            for chunk in plan.chunks:
+                rows, experts, tokens = chunk.rows, chunk.experts, plan.order.tokens[chunk.rows]
+                gate, up = (t.requires_grad_() for t in _slot_inputs(gate0, up0, gate_h, up_h, gate_B, up_B,
+                                                                        chunk, plan))
+                with torch.enable_grad():
+                    act = plan.act_fn(gate) * up
+                # the gradient reaching a, built in one buffer; every intermediate is dropped as soon as it is
+                # used, so that a chunk holds a handful of [rows, inter] tensors at a time
+                value = act.detach()
+                if grad_mix is None:
+                    grad_act = torch.zeros_like(value, dtype=accumulate)
+                else:
+                    grad_act = grad_mix.index_select(0, tokens).to(accumulate)
+                    grad_weights[rows] = torch.linalg.vecdot(grad_act, value.to(accumulate))
+                    grad_act.mul_(weights[rows, None].to(accumulate))
+                if grad_z is not None:
+                    keep, grad_rows = None if mask is None else mask[rows], grad_z[rows].to(mm)
+                    dropped = value if keep is None else value * keep
+                    grad_down_A[experts] += segment_outer(grad_rows, dropped.to(mm), chunk.counts)
+                    del dropped
+                    grad_dropped = segment_mm(grad_rows, down_A[experts].to(mm), chunk.counts)
+                    grad_act += grad_dropped if keep is None else grad_dropped.mul_(keep)
+                    del grad_dropped
+                grad_gate, grad_up = torch.autograd.grad(act, (gate, up), grad_act.to(act.dtype))
+                del act, value, gate, up, grad_act
+                _add_rows(grad_gate0, tokens, grad_gate, chunk)
+                _add_rows(grad_up0, tokens, grad_up, chunk)
+                for grad, h, B, grad_h, grad_B in ((grad_gate, gate_h, gate_B, grad_gate_h, grad_gate_B),
+                                                   (grad_up, up_h, up_B, grad_up_h, grad_up_B)):
+                    grad_h[rows] = segment_mm(grad.to(mm), B[experts].to(mm), chunk.counts)
+                    grad_B[experts] += segment_outer(grad.to(mm), h[rows].to(mm), chunk.counts)
+        return (grad_gate0.to(gate0.dtype), grad_up0.to(up0.dtype), grad_gate_h.to(gate_h.dtype),
+                grad_up_h.to(up_h.dtype), grad_weights.to(weights.dtype), grad_gate_B.to(gate_B.dtype),
+                grad_up_B.to(up_B.dtype), grad_down_A.to(down_A.dtype), None)
+
+
+def _slot_inputs(gate0: Tensor, up0: Tensor, gate_h: Tensor, up_h: Tensor, gate_B: Tensor, up_B: Tensor,
+                 chunk: ExpertChunk, plan: _SlotPlan) -> tuple[Tensor, Tensor]:
+    """``(W x)_t + B_e h_s`` of W1 and W3 for the chunk's slots, in the activation dtype. The LoRA term is rounded
+    to it before the sum, as the dense path adds it; when no rounding is needed the GEMMs add into the gathered
+    rows themselves."""
+    tokens, mm = plan.order.tokens[chunk.rows], plan.matmul_dtype
+    inputs = []
+    for base, h, B in ((gate0, gate_h, gate_B), (up0, up_h, up_B)):
+        rows = base.index_select(0, tokens).to(plan.act_dtype)
+        h, B = h[chunk.rows].to(mm), B[chunk.experts].to(mm).mT
+        if mm == plan.act_dtype:
+            segment_mm(h, B, chunk.counts, add_to=rows)
+        else:
+            rows += segment_mm(h, B, chunk.counts).to(plan.act_dtype)
+        inputs.append(rows)
+    return tuple(inputs)
+
+
+def _slot_activations(gate0: Tensor, up0: Tensor, gate_h: Tensor, up_h: Tensor, gate_B: Tensor, up_B: Tensor,
+                      chunk: ExpertChunk, plan: _SlotPlan) -> Tensor:
+    """``act(gate_s) ⊙ up_s`` of the chunk's slots (no autograd: the function's own forward)."""
+    gate, up = _slot_inputs(gate0, up0, gate_h, up_h, gate_B, up_B, chunk, plan)
+    return plan.act_fn(gate).mul_(up)
+
+
+def _add_rows(target: Tensor, tokens: Tensor, rows: Tensor, chunk: ExpertChunk) -> None:
+    """``target[tokens[i]] += rows[i]``, one ``index_add_`` per expert (see :class:`_GroupedSlots`)."""
+    for _, start, end in chunk.segments():
+        target.index_add_(0, tokens[start:end], rows[start:end].to(target.dtype))
+
+
 # ---------------------------------------------------------------------------------------------- the layer
 
 
@@ -187,24 +338,24 @@ class MixLoraFFN(AdapterLayer):
     def _mix(self, x: Tensor, selected: Tensor, slot_weights: Tensor) -> Tensor:
         """``Σ_j w̃_j E_{selected_j}(x)`` for every token: the frozen W1 h, W3 h and W2 once, the experts' LoRA
         factors densely (every expert, masked) or grouped (the selected experts only)."""
-        if self.expert_compute == "grouped":
-            order = slot_order(selected, self._expert_stack(0).num_experts)
-            gate, up = (self._grouped_projection(i, x, order) for i in (0, 1))
-        else:
-            slots = F.one_hot(selected, self._expert_stack(0).num_experts)  # [T, k, E]
-            gate, up = (self._slot_projection(i, x, slots) for i in (0, 1))
+        mix, down_delta = (self._grouped_slots if self.expert_compute == "grouped" else self._dense_slots)(
+            x, selected, slot_weights)
+        out = self._base(2)(mix)  # W2 once, on the mix
+        return out + down_delta.to(out.dtype)
+
+    def _dense_slots(self, x: Tensor, selected: Tensor, slot_weights: Tensor) -> tuple[Tensor, Tensor]:
+        """The weighted mix of the slots' activations and W2's expert terms, every expert computed and masked."""
+        slots = F.one_hot(selected, self._expert_stack(0).num_experts)  # [T, k, E]
+        gate, up = (self._slot_projection(i, x, slots) for i in (0, 1))
         act = self.base_layer.act_fn(gate) * up  # [T, k, inter]: k× the FFN activations, not E×
         # the weighted mix in fp32, rounded once for W2: summed in a bf16 base's dtype, every product would be
         # rounded first (the official code accumulates the weighted expert outputs in fp32)
         accumulate = torch.promote_types(act.dtype, torch.float32)
         mix = torch.sum(slot_weights.to(accumulate).unsqueeze(-1) * act.to(accumulate), dim=1)
-        out = self._base(2)(mix.to(act.dtype))  # W2 once, on the mix
-        if self.expert_compute == "grouped":
-            return out + self._grouped_down_delta(act, slot_weights, order).to(out.dtype)
         down = self._expert_stack(2)
         h = down.down(act)  # [T, k, E, r]: every expert's A on every slot's activation
         weighted_slots = slots * slot_weights.unsqueeze(-1)  # [T, k, E]: w̃_j at slot j's expert, 0 elsewhere
-        return out + down.up(torch.sum(h * weighted_slots.unsqueeze(-1).to(h.dtype), dim=1)).to(out.dtype)
+        return mix.to(act.dtype), down.up(torch.sum(h * weighted_slots.unsqueeze(-1).to(h.dtype), dim=1))
 
     def _slot_projection(self, index: int, x: Tensor, slots: Tensor) -> Tensor:
         """``(W + ΔW_{e_j}) x`` for every token and slot j: the frozen product once, [T, k, d_out]."""
@@ -213,20 +364,29 @@ class MixLoraFFN(AdapterLayer):
         h = h * slots.unsqueeze(-1).to(h.dtype)  # [T, k, E, r]: slot j keeps its expert only
         return self._base(index)(x).unsqueeze(1) + experts.up(h).to(x.dtype)
 
-    def _grouped_projection(self, index: int, x: Tensor, order: SlotOrder) -> Tensor:
-        """:meth:`_slot_projection` with each slot's B alone: every expert's A on x once (rank E·r, the cheap
-        factor), the slot's r columns picked, one B per expert over its sorted slots."""
-        experts = self._expert_stack(index)
-        delta = from_sorted(experts.grouped_up(experts.slot_down(x, order), order), order)  # [T, k, d_out]
-        return self._base(index)(x).unsqueeze(1) + delta.to(x.dtype)
-
-    def _grouped_down_delta(self, act: Tensor, slot_weights: Tensor, order: SlotOrder) -> Tensor:
-        """``Σ_j w̃_j s B_{e_j} A_{e_j} a_j`` of W2's experts: each slot's activation through its own A and B."""
-        down = self._expert_stack(2)
-        rows = to_sorted(act.flatten(0, 1), order)  # [S, inter] sorted by expert
+    def _grouped_slots(self, x: Tensor, selected: Tensor, slot_weights: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_dense_slots` with the selected experts only (:class:`_GroupedSlots`): every expert's A of W1
+        and W3 once on x (rank E·r, the cheap factor) and each slot's r columns picked, then per expert over its
+        sorted slots B of W1 and W3, A of W2 (inside the function) and B of W2."""
+        gate, up, down = (self._expert_stack(i) for i in range(3))
+        order = slot_order(selected, gate.num_experts)
         weights = slot_weights.reshape(-1).index_select(0, order.order)
-        h = down.grouped_down(rows, order) * weights.to(down.lora_A.dtype)[:, None]
-        return from_sorted(down.grouped_up(h, order), order).sum(dim=1)
+        gate0, up0 = self._base(0)(x), self._base(1)(x)
+        dropout = down.dropout.p if isinstance(down.dropout, nn.Dropout) and down.dropout.training else 0.0
+        # chunks of T/8 slots: the backward holds about ten [rows, inter] intermediates of a chunk at a time,
+        # together about one [T, inter] activation of the frozen FFN
+        chunks = expert_chunks(order.counts, max_rows=max(1, x.shape[0] // 8))
+        # the activation module's forward without its hooks: the function calls it again in backward, where hooks
+        # that track modules (FlopCounterMode's) would attach to a graph that the outer backward is running
+        act_fn = getattr(self.base_layer.act_fn, "forward", self.base_layer.act_fn)
+        plan = _SlotPlan(order, chunks, act_fn, dropout,
+                         act_dtype=torch.promote_types(gate0.dtype, x.dtype),
+                         matmul_dtype=matmul_dtype(x, gate.lora_B))
+        mix, z = _GroupedSlots.apply(gate0, up0, gate.scale_slots(gate.slot_down(x, order), order),
+                                     up.scale_slots(up.slot_down(x, order), order), weights, gate.lora_B, up.lora_B,
+                                     down.lora_A, plan)
+        h = z * weights.to(z.dtype)[:, None]
+        return mix.to(plan.act_dtype), from_sorted(down.grouped_up(h, order), order).sum(dim=1)
 
     def reference_forward(self, hidden: Tensor) -> Tensor:
         """The straightforward per-expert loop the fast path must equal (tests only; no jitter)."""

@@ -17,8 +17,12 @@ something only on a GPU; on a CPU read the ratios.
     ``torch.utils.flop_counter`` (a routed method's floor is counted on its grouped top-k path, which does
     only the selected experts' work; ``flops_ratio`` is what the variant as configured executes);
   - ``peak_memory_ratio``: on a CPU, the peak resident memory that two train steps add on top of the built
-    model, measured in a fresh subprocess per variant (``/proc`` high-water mark, reset after building);
-    on CUDA, ``torch.cuda.max_memory_allocated``;
+    model, measured in a fresh subprocess per variant (``/proc`` high-water mark, reset after building; glibc's
+    mmap threshold fixed, ``PROBE_ENV``, so that it follows the live tensors); on CUDA,
+    ``torch.cuda.max_memory_allocated``;
+  - ``peak_memory_floor``: a lower bound of that ratio, what the maths holds whatever the implementation: the
+    ``base`` row's peak (backpropagation through the frozen model) plus the variant's optimizer state and routing
+    records, over LoRA r16's peak (:func:`memory_floor`);
   - ``check``: every fast path is compared with its reference (``expert_compute: dense``) on the same
     weights before it is timed, loss and adapter gradients, dropout off; a failing variant is not timed.
 
@@ -52,7 +56,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from moelab.adapters import config_from_dict, count_parameters, inject, merge_and_unload, registered_adapters
-from moelab.adapters.base import LLAMA_PROJECTIONS
+from moelab.adapters.base import LLAMA_PROJECTIONS, routed_modules
 from moelab.modules.latency import decode_step, prefill_step, synchronize
 
 # Real architectures' shapes (random weights: timing needs no trained values).
@@ -73,6 +77,7 @@ DEFAULT_SEQ_LEN = {"tiny": 128, "smollm2_135m": 128, "llama3_2_3b": 64, "llama2_
 REDUCED_VOCAB = 512  # the vocabulary of a model cut to a few layers (see the module docstring)
 LORA_R16_ALL = {"target_modules": list(LLAMA_PROJECTIONS), "r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 REFERENCE = "lora_r16"
+BASE = "base"  # the row without an adapter: backpropagation through the frozen model alone
 CHECK_RTOL = 1e-4  # fast path vs reference at real shapes, fp32: relative to the largest entry
 
 
@@ -84,6 +89,7 @@ class Variant:
     parameters: dict[str, int] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
     peak_memory: int | None = None
+    optimizer: torch.optim.Optimizer | None = None
 
 
 @dataclass
@@ -214,7 +220,7 @@ def train_variant_specs(conf_dir: Path, methods: list[str]) -> list[VariantSpec]
     """Reference rows (base, LoRA r16 and its twins, LoRA r128, PEFT's LoRA r16) and every method in ``methods``
     with its defaults; routed methods also with the other ``expert_compute``, and shared dropout masks
     (``lora_dropout_sharing: per_input``) for every method that has dropout."""
-    specs = [VariantSpec("base", "base"),
+    specs = [VariantSpec(BASE, "base"),
              VariantSpec(REFERENCE, "adapter", "lora", LORA_R16_ALL),
              VariantSpec("lora_r16_dropout0", "adapter", "lora", {**LORA_R16_ALL, "lora_dropout": 0.0}),
              VariantSpec("lora_r16_per_input", "adapter", "lora",
@@ -255,7 +261,7 @@ def build_variant(spec: VariantSpec, base: nn.Module, device: torch.device) -> t
     return model.to(device), adapter
 
 
-def _train_step(model: nn.Module, adapter, batch: dict) -> Callable[[], None]:
+def _train_step(model: nn.Module, adapter, batch: dict) -> tuple[Callable[[], None], torch.optim.Optimizer | None]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     embeddings = model.get_input_embeddings()
@@ -275,7 +281,7 @@ def _train_step(model: nn.Module, adapter, batch: dict) -> Callable[[], None]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return step, optimizer
 
 
 def make_batch(model: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> dict:
@@ -347,6 +353,13 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # -- peak memory, one subprocess per variant ---------------------------------------------------------------
 
+# glibc serves a large allocation from its heap once a freed mapping was larger than its (then raised) mmap
+# threshold, and keeps freed heap memory resident: with the default, dynamic threshold the peak RSS of one
+# variant moved by 40 MiB between identical runs at Llama-3.2-3B shapes, and counted memory no tensor held.
+# Fixed, every buffer from 128 KiB up is mapped and unmapped on its own, and the peak RSS follows the live tensors
+# (what torch.cuda.max_memory_allocated counts on a GPU). Other C libraries ignore the variable.
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
 
 def _rss_high_water() -> int:
     """The process's peak resident set (VmHWM) in bytes."""
@@ -371,12 +384,26 @@ def memory_probe(request: dict) -> dict:
     model, adapter = build_variant(VariantSpec(**request["spec"]), base, torch.device("cpu"))
     del base
     batch = make_batch(model, request["batch_size"], request["seq_len"], torch.device("cpu"))
-    step = _train_step(model, adapter, batch)
+    step, _ = _train_step(model, adapter, batch)
     before = _current_rss()
     _reset_rss_high_water()
     for _ in range(2):
         step()
     return {"step_peak_bytes": _rss_high_water() - before, "rss_before_bytes": before}
+
+
+def held_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """What a variant holds through its steps besides activations: its optimizer's state (AdamW: two moments per
+    trainable parameter) and the routing records of its last forward (routing probabilities, logits and selected
+    experts, which the balance losses read and the router's backward keeps)."""
+    state = [t for values in (optimizer.state.values() if optimizer else []) for t in values.values()
+             if torch.is_tensor(t)]
+    records = [t for _, module in routed_modules(model) for t in vars(module.routing).values() if torch.is_tensor(t)]
+    return {"optimizer_state_bytes": _storage_bytes(state), "routing_bytes": _storage_bytes(records)}
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def _current_rss() -> int:
@@ -389,7 +416,7 @@ def _current_rss() -> int:
 def probe_in_subprocess(spec: VariantSpec, shape: ModelShape, batch_size: int, seq_len: int, threads: int) -> dict:
     request = {"spec": asdict(spec), "shape": asdict(shape), "batch_size": batch_size, "seq_len": seq_len,
                "threads": threads}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, **PROBE_ENV, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run([sys.executable, "-m", "moelab.modules.bench", json.dumps(request)], env=env,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -437,7 +464,8 @@ def train_step_benchmark(conf_dir: Path, bench: TrainBench, methods: list[str], 
         figures[spec.name] = {"parameters": count_parameters(model)["trainable"], **check_and_count(model, adapter,
                                                                                                        batch)}
         if figures[spec.name].get("check", True):
-            variants.append(Variant(spec.name, model, _train_step(model, adapter, batch)))
+            step, optimizer = _train_step(model, adapter, batch)
+            variants.append(Variant(spec.name, model, step, optimizer=optimizer))
     load_before = machine_load(threads)
     _timed_rounds(variants, bench.rounds, bench.warmup, device)
     load_after = machine_load(threads)
@@ -450,6 +478,7 @@ def train_step_benchmark(conf_dir: Path, bench: TrainBench, methods: list[str], 
             seconds = timed[name].seconds
             values.update(paired_ratios(seconds, reference.seconds), median_s=statistics.median(seconds),
                           tokens_per_s=bench.batch_size * bench.seq_len / statistics.median(seconds))
+            values.update(held_state_bytes(timed[name].model, timed[name].optimizer))
             if device.type == "cuda":
                 values["peak_memory_bytes"] = timed[name].peak_memory
     del variants, timed, reference
@@ -469,16 +498,16 @@ def markdown_table(result: dict) -> str:
               + (" — **machine busy during the run (load above free cores): ratios are noisy**"
                  if result["load"]["busy"] else ""))
     lines = [header, "", "| variant | ratio (median) | range | ratio of minimums | FLOP floor | FLOPs executed | "
-                         "peak memory | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+                         "peak memory | memory floor | tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
         if "ratio" not in v:
             lines.append(f"| {name} | not timed: fast path differs from its reference by "
-                         f"{v.get('check_max_relative_error', float('nan')):.1e} | | | | | | |")
+                         f"{v.get('check_max_relative_error', float('nan')):.1e} | | | | | | | |")
             continue
-        memory = f"{v['peak_memory_ratio']:.2f}" if "peak_memory_ratio" in v else "—"
+        memory, floor = (f"{v[key]:.2f}" if key in v else "—" for key in ("peak_memory_ratio", "peak_memory_floor"))
         lines.append(f"| {name} | {v['ratio']:.2f} | {v['range'][0]:.2f}–{v['range'][1]:.2f} | "
                      f"{v['ratio_of_minimums']:.2f} | {v['flop_floor']:.2f} | {v['flops_ratio']:.2f} | {memory} | "
-                     f"{v['tokens_per_s']:.0f} |")
+                     f"{floor} | {v['tokens_per_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -491,10 +520,22 @@ def _add_memory(figures: dict, bench: TrainBench, conf_dir: Path, methods: list[
             figures[spec.name]["memory"] = probe
             if "step_peak_bytes" in probe:
                 figures[spec.name]["peak_memory_bytes"] = probe["step_peak_bytes"]
-    reference = figures[REFERENCE].get("peak_memory_bytes")
+    peak, frozen = (figures[name].get("peak_memory_bytes") for name in (REFERENCE, BASE))
     for values in figures.values():
-        if reference and values.get("peak_memory_bytes") is not None:
-            values["peak_memory_ratio"] = values["peak_memory_bytes"] / reference
+        if peak and values.get("peak_memory_bytes") is not None:
+            values["peak_memory_ratio"] = values["peak_memory_bytes"] / peak
+        if peak and frozen and "optimizer_state_bytes" in values:
+            values["peak_memory_floor"] = memory_floor(values, frozen) / peak
+
+
+def memory_floor(values: dict, frozen_peak: int) -> int:
+    """Bytes below which a variant's step peak cannot go: what backpropagating through the frozen model holds
+    (``frozen_peak``, the measured peak of the ``base`` row), plus the variant's optimizer state and routing
+    records (:func:`held_state_bytes`), which live through the whole step. Everything else an adapter keeps —
+    the inputs of its A factors, dropout masks, the rank-r factors of every slot (T·k·r per expert projection),
+    gradients during backward — depends on how it is computed and is left out: the floor is a lower bound, the
+    gap to the measured peak what an implementation adds to it."""
+    return frozen_peak + values["optimizer_state_bytes"] + values["routing_bytes"]
 
 
 # -- inference latency ----------------------------------------------------------------------------------
