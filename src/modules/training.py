@@ -26,6 +26,7 @@ import platform
 import subprocess
 import time
 import traceback
+from collections.abc import Iterator
 from contextlib import ExitStack
 from importlib import metadata
 from pathlib import Path
@@ -360,18 +361,23 @@ class Scoring:
         """Scores and per-example predictions (``lm_eval_scores`` with ``log_samples``)."""
         model.to(self.device)
         self.dtype = str(next(model.parameters()).dtype)
-        autocast = self.AUTOCAST.get(self.precision)
         evaluation = self.cfg.eval
-        with preserved_rng(), torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+        with self.run_precision():
             return lm_eval_scores(model, tokenizer, tasks, limit=evaluation.limit, batch_size=evaluation.batch_size,
                                   num_fewshot=evaluation.num_fewshot, bootstrap_iters=evaluation.bootstrap_iters,
                                   max_length=evaluation.max_length, device=self.device, log_samples=True)
 
     def latency(self, model, settings: DictConfig) -> dict[str, Any]:
         """Prefill and per-token decode time of ``model`` as scored (:func:`measure_latency`), in this precision."""
+        with self.run_precision():
+            return {**measure_latency(model.to(self.device), self.device, **settings), "precision": self.precision}
+
+    @contextlib.contextmanager
+    def run_precision(self) -> Iterator[None]:
+        """The run's autocast (for ``*-mixed``), with the random streams left as they were."""
         autocast = self.AUTOCAST.get(self.precision)
         with preserved_rng(), torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
-            return {**measure_latency(model.to(self.device), self.device, **settings), "precision": self.precision}
+            yield
 
     def report(self) -> dict[str, Any]:
         return {"device": str(self.device), "precision": self.precision, "parameter_dtype": self.dtype}
