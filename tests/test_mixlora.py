@@ -25,6 +25,7 @@ from moelab.adapters import (
     count_parameters,
     inject,
     merge,
+    mixlora,
 )
 from moelab.adapters.base import AdapterModule, BatchContext
 from moelab.adapters.experts import expert_chunks, slot_order
@@ -100,9 +101,12 @@ def test_fast_path_equals_per_expert_loop(tokens, num_experts, top_k, expert_com
         assert unused, "the case must contain an expert that receives no token"
 
 
-def test_grouped_experts_equal_the_dense_reference_in_training():
+@pytest.mark.parametrize("chunk_min_elements", [mixlora.CHUNK_MIN_ELEMENTS, 1])  # 1: chunks of T/8 slots
+def test_grouped_experts_equal_the_dense_reference_in_training(monkeypatch, chunk_min_elements):
     # the whole model in training mode (dropout off, so both paths see the same inputs): the loss, and the
-    # gradient of every trainable tensor, router included, agree between grouped and dense expert compute
+    # gradient of every trainable tensor, router included, agree between grouped and dense expert compute,
+    # whether the grouped slots run in one chunk or in chunks that split experts
+    monkeypatch.setattr(mixlora, "CHUNK_MIN_ELEMENTS", chunk_min_elements)
     batch = token_batch(batch=3, seq=7)
     losses, grads = [], []
     for compute in ("dense", "grouped"):

@@ -47,6 +47,7 @@ methods that compose existing LoRAs (MoLE, LoRA-Mixer).
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import math
@@ -149,9 +150,9 @@ class SlotOrder:
     counts: tuple[int, ...]
     top_k: int
 
-    @property
+    @functools.cached_property
     def tokens(self) -> Tensor:
-        """The token of every sorted position."""
+        """The token of every sorted position (computed once: a chunked caller reads it per chunk)."""
         return self.order // self.top_k
 
 

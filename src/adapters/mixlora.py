@@ -80,6 +80,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .base import (
     Adapter,
@@ -165,6 +166,8 @@ class MixLoraConfig(RoutedLoraConfig):
 
 # ---------------------------------------------------------------------------------------------- grouped slots
 
+CHUNK_MIN_ELEMENTS = 2**18  # the smallest [rows, inter] intermediate worth a chunk of its own (1 MiB in fp32)
+
 
 @dataclass(frozen=True)
 class _SlotPlan:
@@ -224,6 +227,7 @@ class _GroupedSlots(torch.autograd.Function):
         return mix, z
 
     @staticmethod
+    @once_differentiable  # it runs without autograd, but for the local graph of the recomputed activation
     def backward(ctx, grad_mix: Tensor | None, grad_z: Tensor | None) -> tuple:
         gate0, up0, gate_h, up_h, weights, gate_B, up_B, down_A, mask = ctx.saved_tensors
         plan = ctx.plan
@@ -374,8 +378,10 @@ class MixLoraFFN(AdapterLayer):
         gate0, up0 = self._base(0)(x), self._base(1)(x)
         dropout = down.dropout.p if isinstance(down.dropout, nn.Dropout) and down.dropout.training else 0.0
         # chunks of T/8 slots: the backward holds about ten [rows, inter] intermediates of a chunk at a time,
-        # together about one [T, inter] activation of the frozen FFN
-        chunks = expert_chunks(order.counts, max_rows=max(1, x.shape[0] // 8))
+        # together about one [T, inter] activation of the frozen FFN; but never under CHUNK_MIN_ELEMENTS per
+        # intermediate, where memory is no concern and every further chunk costs its per-op overhead
+        inter = self._base(0).out_features
+        chunks = expert_chunks(order.counts, max_rows=max(x.shape[0] // 8, CHUNK_MIN_ELEMENTS // inter, 1))
         # the activation module's forward without its hooks: the function calls it again in backward, where hooks
         # that track modules (FlopCounterMode's) would attach to a graph that the outer backward is running
         act_fn = getattr(self.base_layer.act_fn, "forward", self.base_layer.act_fn)
