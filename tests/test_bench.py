@@ -1,5 +1,9 @@
 """The benchmark script's measurements are well-formed (timings themselves are never asserted)."""
 
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from conftest import CONF
@@ -10,6 +14,7 @@ from moelab.modules.bench import (
     REDUCED_VOCAB,
     REFERENCE,
     ModelShape,
+    OtherLoad,
     TrainBench,
     VariantSpec,
     _add_memory,
@@ -71,7 +76,7 @@ def test_memory_floor_adds_the_variants_own_state_to_the_frozen_models_peak(tiny
     # the table's figures: ratios to LoRA r16's measured peak, the floor built on the base row's
     figures = {name: {**variants[name], "peak_memory_bytes": peak}
                for name, peak in ((BASE, 10**6), (REFERENCE, 2 * 10**6), ("mixlora", 3 * 10**6))}
-    _add_memory(figures, TrainBench(ModelShape("tiny"), memory=False), CONF, [], CPU, threads=1)
+    _add_memory(figures, TrainBench(ModelShape("tiny"), memory=False), CONF, [], CPU)
     assert figures["mixlora"]["peak_memory_ratio"] == 1.5
     assert figures["mixlora"]["peak_memory_floor"] == (10**6 + held) / (2 * 10**6)
     assert figures[BASE]["peak_memory_floor"] == 0.5 <= figures[REFERENCE]["peak_memory_floor"] < 1.0
@@ -93,6 +98,26 @@ def test_cut_shapes_reduce_the_vocabulary_and_check_the_layer_count():
     assert ModelShape("smollm2_135m").config_values()["vocab_size"] == 49152
     with pytest.raises(ValueError, match="--layers"):
         ModelShape("tiny", layers=3).config_values()
+
+
+def test_other_load_counts_other_processes_not_the_benchmark_itself():
+    def spin(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    with OtherLoad(threads=1) as alone:  # the benchmark's own work: one core busy in this process
+        spin(1.0)
+    busy_loop = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", busy_loop])
+    try:
+        with OtherLoad(threads=1) as crowded:  # another process on a core while this one waits
+            time.sleep(1.0)
+    finally:
+        spinner.wait()
+    # the spinner's core counts for the second block only (what else runs on the machine counts for both)
+    assert crowded.figures["other_cores"] - alone.figures["other_cores"] > 0.3, (alone.figures, crowded.figures)
+    assert set(alone.figures) == {"other_cores", "cores", "threads", "load_1min", "busy"}
 
 
 def test_memory_probe_measures_a_train_step_in_a_subprocess():

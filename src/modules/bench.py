@@ -28,8 +28,8 @@ something only on a GPU; on a CPU read the ratios.
 
   At the large shapes only a few decoder layers are built (``layers``) and the vocabulary is cut to
   ``REDUCED_VOCAB`` tokens, so that the LM head, which no adapter touches, does not hide the layers' cost.
-  ``load`` records the machine's load average around the timing and flags a run where other processes
-  competed for the cores.
+  ``load`` records how many cores other processes kept busy during the timed rounds (:class:`OtherLoad`) and
+  flags a run where they competed with the benchmark's threads; ``seconds`` what each phase took.
 * ``latency``: batch 1; ``prefill`` = one forward over the prompt, ``decode`` = time per generated token
   of greedy decoding with the KV cache (the prefill that fills the cache is not timed). Variants: the base
   model, a copy of it (the noise floor), merged LoRA r16, and every other registered method as it runs
@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -73,7 +74,7 @@ SHAPES = {
 # Per shape, the decoder layers built (None: all) and the tokens per sequence of the default run (batch 4): the
 # large shapes are cut so that a single-thread CPU run of every variant takes minutes, not hours.
 DEFAULT_LAYERS = {"tiny": None, "smollm2_135m": None, "llama3_2_3b": 1, "llama2_7b": 1}
-DEFAULT_SEQ_LEN = {"tiny": 128, "smollm2_135m": 128, "llama3_2_3b": 64, "llama2_7b": 64}
+DEFAULT_SEQ_LEN = {"tiny": 128, "smollm2_135m": 128, "llama3_2_3b": 128, "llama2_7b": 64}
 REDUCED_VOCAB = 512  # the vocabulary of a model cut to a few layers (see the module docstring)
 LORA_R16_ALL = {"target_modules": list(LLAMA_PROJECTIONS), "r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 REFERENCE = "lora_r16"
@@ -359,6 +360,7 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 # Fixed, every buffer from 128 KiB up is mapped and unmapped on its own, and the peak RSS follows the live tensors
 # (what torch.cuda.max_memory_allocated counts on a GPU). Other C libraries ignore the variable.
 PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+PROBES_AT_ONCE = 4  # at most, and at most one per core: four probes of a 7B-wide layer stay under 8 GiB
 
 
 def _rss_high_water() -> int:
@@ -427,11 +429,36 @@ def probe_in_subprocess(spec: VariantSpec, shape: ModelShape, batch_size: int, s
 # -- machine load --------------------------------------------------------------------------------------------
 
 
-def machine_load(threads: int) -> dict:
-    """The 1-minute load average and whether it leaves ``threads`` cores free for the benchmark."""
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0]
-    return {"load_1min": load, "cores": cores, "threads": threads, "busy": load > cores - threads + 0.5}
+class OtherLoad:
+    """The cores that other processes kept busy while the block ran: the machine's busy CPU time (``/proc/stat``)
+    less this process's own, over the wall time. Unlike the load average, it does not count the benchmark itself,
+    so a run on every core is not flagged for its own threads. ``busy``: the others took more than the cores the
+    benchmark's ``threads`` left free, plus half a core."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.figures: dict = {}
+
+    def __enter__(self) -> OtherLoad:
+        self._start = (_machine_busy_seconds(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        machine, own, wall = (now - then for now, then in zip(
+            (_machine_busy_seconds(), time.process_time(), time.perf_counter()), self._start, strict=True))
+        cores = os.cpu_count() or 1
+        other_cores = max(0.0, machine - own) / wall  # NaN where /proc/stat is missing: never flagged busy
+        self.figures = {"other_cores": other_cores, "cores": cores, "threads": self.threads,
+                        "load_1min": os.getloadavg()[0], "busy": bool(other_cores > cores - self.threads + 0.5)}
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds all processes have spent outside idle and I/O wait since boot (NaN without ``/proc/stat``)."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in stat.read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the train-step benchmark ----------------------------------------------------------------------------------
@@ -453,6 +480,7 @@ def train_step_benchmark(conf_dir: Path, bench: TrainBench, methods: list[str], 
                          dtype: torch.dtype) -> dict:
     """Every variant of :func:`train_variant_specs` on the same base and batch: checked, counted, timed in
     interleaved rounds, and (CPU) probed for memory. Returns the per-variant figures."""
+    started = time.perf_counter()
     base = build_model(bench.shape, dtype, device)
     base.train()
     base.requires_grad_(False)
@@ -466,9 +494,10 @@ def train_step_benchmark(conf_dir: Path, bench: TrainBench, methods: list[str], 
         if figures[spec.name].get("check", True):
             step, optimizer = _train_step(model, adapter, batch)
             variants.append(Variant(spec.name, model, step, optimizer=optimizer))
-    load_before = machine_load(threads)
-    _timed_rounds(variants, bench.rounds, bench.warmup, device)
-    load_after = machine_load(threads)
+    checked = time.perf_counter()
+    with OtherLoad(threads) as load:
+        _timed_rounds(variants, bench.rounds, bench.warmup, device)
+    timed_at = time.perf_counter()
     timed = {v.name: v for v in variants}
     reference = timed[REFERENCE]
     for name, values in figures.items():
@@ -482,12 +511,13 @@ def train_step_benchmark(conf_dir: Path, bench: TrainBench, methods: list[str], 
             if device.type == "cuda":
                 values["peak_memory_bytes"] = timed[name].peak_memory
     del variants, timed, reference
-    _add_memory(figures, bench, conf_dir, methods, device, threads)
+    _add_memory(figures, bench, conf_dir, methods, device)
     return {"kind": "train_step", "shape": bench.shape.shape, "layers": base.config.num_hidden_layers,
             "vocab_size": base.config.vocab_size, "batch_size": bench.batch_size, "seq_len": bench.seq_len,
             "rounds": bench.rounds, "reference": REFERENCE,
-            "load": {"before": load_before, "after": load_after,
-                     "busy": load_before["busy"] or load_after["busy"]},
+            "load": load.figures,
+            "seconds": {"build_and_check": checked - started, "timed_rounds": timed_at - checked,
+                        "memory_probes": time.perf_counter() - timed_at},
             "variants": figures}
 
 
@@ -495,8 +525,8 @@ def markdown_table(result: dict) -> str:
     """The train-step figures of one shape as a Markdown table (ratios to LoRA r16)."""
     header = (f"{result['shape']}: {result['layers']} decoder layers, vocabulary {result['vocab_size']}, batch "
               f"{result['batch_size']} × {result['seq_len']} tokens, {result['rounds']} rounds"
-              + (" — **machine busy during the run (load above free cores): ratios are noisy**"
-                 if result["load"]["busy"] else ""))
+              + (f" — **other processes kept {result['load']['other_cores']:.1f} of {result['load']['cores']} cores "
+                 "busy during the timing: ratios are noisy**" if result["load"]["busy"] else ""))
     lines = [header, "", "| variant | ratio (median) | range | ratio of minimums | FLOP floor | FLOPs executed | "
                          "peak memory | memory floor | tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
@@ -511,15 +541,19 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _add_memory(figures: dict, bench: TrainBench, conf_dir: Path, methods: list[str], device: torch.device,
-                threads: int) -> None:
-    """``peak_memory_ratio`` of every variant: CUDA peaks from the timed steps, or CPU subprocess probes."""
+def _add_memory(figures: dict, bench: TrainBench, conf_dir: Path, methods: list[str], device: torch.device) -> None:
+    """``peak_memory_ratio`` of every variant: CUDA peaks from the timed steps, or CPU subprocess probes (one
+    torch thread each, one per core at a time: a process's resident set does not depend on its neighbours, and
+    the probes are most of a CPU run's time when run one by one)."""
     if device.type == "cpu" and bench.memory:
-        for spec in train_variant_specs(conf_dir, methods):
-            probe = probe_in_subprocess(spec, bench.shape, bench.batch_size, bench.seq_len, threads)
-            figures[spec.name]["memory"] = probe
-            if "step_peak_bytes" in probe:
-                figures[spec.name]["peak_memory_bytes"] = probe["step_peak_bytes"]
+        specs = train_variant_specs(conf_dir, methods)
+        with ThreadPoolExecutor(max_workers=min(PROBES_AT_ONCE, os.cpu_count() or 1)) as pool:
+            probes = pool.map(lambda spec: probe_in_subprocess(spec, bench.shape, bench.batch_size, bench.seq_len,
+                                                               threads=1), specs)
+            for spec, probe in zip(specs, probes, strict=True):
+                figures[spec.name]["memory"] = probe
+                if "step_peak_bytes" in probe:
+                    figures[spec.name]["peak_memory_bytes"] = probe["step_peak_bytes"]
     peak, frozen = (figures[name].get("peak_memory_bytes") for name in (REFERENCE, BASE))
     for values in figures.values():
         if peak and values.get("peak_memory_bytes") is not None:
