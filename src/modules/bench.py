@@ -72,7 +72,7 @@ SHAPES = {
                       num_key_value_heads=32, vocab_size=32000),
 }
 # Per shape, the decoder layers built (None: all) and the tokens per sequence of the default run (batch 4): the
-# large shapes are cut so that a single-thread CPU run of every variant takes minutes, not hours.
+# large shapes are cut so that a CPU run of every variant takes under ten minutes on two cores.
 DEFAULT_LAYERS = {"tiny": None, "smollm2_135m": None, "llama3_2_3b": 1, "llama2_7b": 1}
 DEFAULT_SEQ_LEN = {"tiny": 128, "smollm2_135m": 128, "llama3_2_3b": 128, "llama2_7b": 64}
 REDUCED_VOCAB = 512  # the vocabulary of a model cut to a few layers (see the module docstring)
@@ -543,8 +543,7 @@ def markdown_table(result: dict) -> str:
 
 def _add_memory(figures: dict, bench: TrainBench, conf_dir: Path, methods: list[str], device: torch.device) -> None:
     """``peak_memory_ratio`` of every variant: CUDA peaks from the timed steps, or CPU subprocess probes (one
-    torch thread each, one per core at a time: a process's resident set does not depend on its neighbours, and
-    the probes are most of a CPU run's time when run one by one)."""
+    torch thread each, one per core at a time: a process's resident set does not depend on its neighbours)."""
     if device.type == "cpu" and bench.memory:
         specs = train_variant_specs(conf_dir, methods)
         with ThreadPoolExecutor(max_workers=min(PROBES_AT_ONCE, os.cpu_count() or 1)) as pool:
