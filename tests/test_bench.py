@@ -41,6 +41,8 @@ def test_train_step_benchmark_reports_every_method_against_lora(tiny_result):
     variants = result["variants"]
     assert {"base", REFERENCE, "lora_r16_dropout0", "lora_r16_per_input", "lora_r128", "peft_lora_r16"} <= set(variants)
     assert {name.split(":")[0].split("[")[0] for name in variants} >= {*methods, "mor_per_linear"}
+    # shared-mask twins for the methods that own their dropout; MoR's is its host's, which has the twin
+    assert {"mixlora[per_input]", "furina[per_input]"} <= set(variants) and "mor[per_input]" not in variants
     reference = variants[REFERENCE]
     assert reference["ratio"] == 1.0 and reference["range"] == [1.0, 1.0] and reference["flop_floor"] == 1.0
     assert reference["parameters"] == 2 * (4 * 16 * 128 + 3 * 16 * (64 + 128))

@@ -255,6 +255,8 @@ class Adapter:
     routing_meaning: ClassVar[str | None] = None
     # The config field that sizes the method, scaled when a parameter budget is matched (budget=...).
     budget_field: ClassVar[str] = "r"
+    # Rows the speed benchmark times besides the method's defaults: row name → config overrides (another host).
+    benchmark_variants: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, config: AdapterConfig) -> None:
         require(isinstance(config, self.config_class),

@@ -250,6 +250,7 @@ class MixtureOfRoutersAdapter(Adapter):
     fidelity = "reconstruction"
     merge_refusal = "its routing is input-dependent, like its host's"
     budget_field = "host_config.r"  # the mixlora and per_linear hosts' rank; lora_mixer's is not sized
+    benchmark_variants = {"mor_per_linear": {"host": "per_linear"}}  # the MoLA-style host has no row of its own
 
     def __init__(self, config: MorConfig) -> None:
         super().__init__(config)

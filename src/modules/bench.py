@@ -229,12 +229,13 @@ def train_variant_specs(conf_dir: Path, methods: list[str]) -> list[VariantSpec]
              VariantSpec("lora_r128", "adapter", "lora", {**LORA_R16_ALL, "r": 128, "lora_alpha": 256}),
              VariantSpec("peft_lora_r16", "peft", values=LORA_R16_ALL)]
     for method in methods:
-        hosts = [("mor", {}), ("mor_per_linear", {"host": "per_linear"})] if method == "mor" else [(method, {})]
-        for name, changes in hosts:
+        for name, changes in [(method, {}), *registered_adapters()[method].benchmark_variants.items()]:
             own = _adapter_specs(conf_dir, method, name, **changes)
             specs += own
             specs += [spec.other_compute() for spec in own if spec.routed]
-            if method != "mor":
+            # a method whose dropout sharing defaults to null passes it on to the layers of another method (MoR to
+            # its host's), whose own row has the twin already
+            if config_from_dict(method, own[0].values).lora_dropout_sharing is not None:
                 specs += [spec.with_values(f"{spec.name}[per_input]", lora_dropout_sharing="per_input")
                           for spec in own if spec.stage != "soft"]
     return specs
