@@ -364,12 +364,13 @@ PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 PROBES_AT_ONCE = 4  # at most, and at most one per core: four probes of a 7B-wide layer stay under 8 GiB
 
 
-def _rss_high_water() -> int:
-    """The process's peak resident set (VmHWM) in bytes."""
+def _process_memory(field: str) -> int:
+    """A memory figure of this process from ``/proc/self/status`` in bytes: ``VmRSS`` (resident now) or ``VmHWM``
+    (its peak)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _reset_rss_high_water() -> None:
@@ -388,11 +389,11 @@ def memory_probe(request: dict) -> dict:
     del base
     batch = make_batch(model, request["batch_size"], request["seq_len"], torch.device("cpu"))
     step, _ = _train_step(model, adapter, batch)
-    before = _current_rss()
+    before = _process_memory("VmRSS")
     _reset_rss_high_water()
     for _ in range(2):
         step()
-    return {"step_peak_bytes": _rss_high_water() - before, "rss_before_bytes": before}
+    return {"step_peak_bytes": _process_memory("VmHWM") - before, "rss_before_bytes": before}
 
 
 def held_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -407,13 +408,6 @@ def held_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
 
 def _storage_bytes(tensors: list[torch.Tensor]) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-
-
-def _current_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def probe_in_subprocess(spec: VariantSpec, shape: ModelShape, batch_size: int, seq_len: int, threads: int) -> dict:
