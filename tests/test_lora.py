@@ -9,7 +9,7 @@ from conftest import tiny_model
 from torch import nn
 
 from moelab.adapters import AdapterConfigError, adapter_layers, count_parameters, inject
-from moelab.adapters.experts import LoraExperts, SharedDropout, expert_chunks
+from moelab.adapters.experts import LoraExperts, SharedDropout, expert_chunks, stacked_up
 from moelab.adapters.lora import LoraConfig, LoraLinear
 
 
@@ -187,6 +187,23 @@ def test_expert_chunks_tile_the_sorted_rows(max_rows):
         for offset, rows in enumerate(chunk.counts):
             per_expert[chunk.first + offset] += rows
     assert per_expert == list(counts)
+
+
+def test_stacked_up_keeps_b_itself_for_backward_and_follows_autocast():
+    # the rank-E·r product of the dense path: gradients by finite differences (fp64), and autograd keeps the
+    # input and B, not the [E·r, d_out] copy of B that a plain matmul would keep in every adapted linear
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 4 * 3, dtype=torch.float64, requires_grad=True)
+    lora_B = torch.randn(4, 10, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(stacked_up, (h, lora_B))
+    torch.testing.assert_close(stacked_up(h, lora_B), torch.einsum("tsei,eoi->tso", h.unflatten(-1, (4, 3)), lora_B))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        stacked_up(h, lora_B)
+    assert {t.untyped_storage().data_ptr() for t in kept} == {h.untyped_storage().data_ptr(),
+                                                               lora_B.untyped_storage().data_ptr()}
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert stacked_up(h.float(), lora_B.float()).dtype == torch.bfloat16
 
 
 def test_grouped_matmul_follows_autocast():

@@ -16,6 +16,7 @@ from conftest import ROOT, compose_config, tiny_model, token_batch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
+from transformers.activations import ACT2FN
 
 from moelab.adapters import (
     AdapterConfigError,
@@ -35,6 +36,7 @@ from moelab.adapters.mixlora import (
     MixLoraFFN,
     _GroupedSlots,
     _SlotPlan,
+    activation_backward,
     from_official,
     from_official_config,
     to_official,
@@ -123,14 +125,16 @@ def test_grouped_experts_equal_the_dense_reference_in_training(monkeypatch, chun
         torch.testing.assert_close(grouped, dense, rtol=1e-5, atol=1e-7)
 
 
-def grouped_slots_case(dropout: float, max_rows: int = 3):
+def grouped_slots_case(dropout: float, max_rows: int = 3, act_backward=torch.ops.aten.silu_backward):
     """Small fp64 inputs of the grouped slots' function (5 tokens, 3 experts, top-2, inter 8, rank 2) and its
-    plan, with chunks of at most ``max_rows`` slots so that several chunks run."""
+    plan, with chunks of at most ``max_rows`` slots so that several chunks run; SiLU's backward by its kernel, or
+    by autograd with ``act_backward=None``."""
     generator = torch.Generator().manual_seed(0)
     tokens, experts, inter, rank = 5, 3, 8, 2
     selected = torch.stack([torch.randperm(experts, generator=generator)[:2] for _ in range(tokens)])
     order = slot_order(selected, experts)
-    plan = _SlotPlan(order, expert_chunks(order.counts, max_rows), F.silu, dropout, torch.float64, torch.float64)
+    plan = _SlotPlan(order, expert_chunks(order.counts, max_rows), F.silu, act_backward, dropout, torch.float64,
+                     torch.float64)
     shapes = [(tokens, inter), (tokens, inter), (2 * tokens, rank), (2 * tokens, rank), (2 * tokens,),
               (experts, inter, rank), (experts, inter, rank), (experts, rank, inter)]
     inputs = [torch.randn(shape, generator=generator, dtype=torch.float64).requires_grad_() for shape in shapes]
@@ -138,10 +142,12 @@ def grouped_slots_case(dropout: float, max_rows: int = 3):
     return inputs, plan
 
 
-def test_grouped_slots_backward_matches_finite_differences_with_dropout():
+@pytest.mark.parametrize("act_backward", [torch.ops.aten.silu_backward, None], ids=["kernel", "autograd"])
+def test_grouped_slots_backward_matches_finite_differences_with_dropout(act_backward):
     # the grouped path's hand-written backward, with W2's expert dropout on (the comparisons with the dense
-    # path run without it): fp64 finite differences, the mask drawn alike in every call by a fixed seed
-    inputs, plan = grouped_slots_case(dropout=0.4)
+    # path run without it): fp64 finite differences, the mask drawn alike in every call by a fixed seed; the
+    # activation's backward by its kernel and by autograd (an activation without a known kernel)
+    inputs, plan = grouped_slots_case(dropout=0.4, act_backward=act_backward)
 
     def slots(*tensors):
         torch.manual_seed(0)
@@ -149,6 +155,19 @@ def test_grouped_slots_backward_matches_finite_differences_with_dropout():
 
     assert torch.autograd.gradcheck(slots, inputs, eps=1e-6, atol=1e-7)
     assert not torch.allclose(slots(*inputs)[1], _GroupedSlots.apply(*inputs, replace(plan, dropout=0.0))[1])
+
+
+@pytest.mark.parametrize("module", [nn.SiLU(), ACT2FN["silu"], nn.GELU(), nn.GELU(approximate="tanh")], ids=repr)
+def test_activation_backward_kernels_equal_autograd(module):
+    x, grad = torch.randn(2, 64, 32, dtype=torch.float64).unbind()
+    x.requires_grad_()
+    (expected,) = torch.autograd.grad(module(x), x, grad)
+    torch.testing.assert_close(activation_backward(module)(grad, x.detach()), expected, rtol=1e-12, atol=0)
+
+
+def test_activation_without_known_kernel_falls_back_to_autograd():
+    assert activation_backward(nn.Tanh()) is None
+    assert activation_backward(F.silu) is None
 
 
 def test_grouped_slots_dropout_keeps_the_expectation():

@@ -69,6 +69,7 @@ be merged, the method as a whole cannot.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -81,6 +82,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from transformers import activations as hf_activations
 
 from .base import (
     Adapter,
@@ -177,6 +179,7 @@ class _SlotPlan:
     order: SlotOrder
     chunks: list[ExpertChunk]
     act_fn: Callable[[Tensor], Tensor]
+    act_backward: Callable[[Tensor, Tensor], Tensor] | None  # (grad of act(x), x) → grad of x; None: autograd
     dropout: float
     act_dtype: torch.dtype
     matmul_dtype: torch.dtype
@@ -244,13 +247,10 @@ class _GroupedSlots(torch.autograd.Function):
         with torch.autocast(device_type=gate0.device.type, enabled=False):
             for chunk in plan.chunks:
                 rows, experts, tokens = chunk.rows, chunk.experts, plan.order.tokens[chunk.rows]
-                gate, up = (t.requires_grad_() for t in _slot_inputs(gate0, up0, gate_h, up_h, gate_B, up_B,
-                                                                        chunk, plan))
-                with torch.enable_grad():
-                    act = plan.act_fn(gate) * up
+                gate, up = _slot_inputs(gate0, up0, gate_h, up_h, gate_B, up_B, chunk, plan)
+                activated, value = _activation(gate, up, plan)
                 # the gradient reaching a, built in one buffer; every intermediate is dropped as soon as it is
                 # used, so that a chunk holds a handful of [rows, inter] tensors at a time
-                value = act.detach()
                 if grad_mix is None:
                     grad_act = torch.zeros_like(value, dtype=accumulate)
                 else:
@@ -265,8 +265,8 @@ class _GroupedSlots(torch.autograd.Function):
                     grad_dropped = segment_mm(grad_rows, down_A[experts].to(mm), chunk.counts)
                     grad_act += grad_dropped if keep is None else grad_dropped.mul_(keep)
                     del grad_dropped
-                grad_gate, grad_up = torch.autograd.grad(act, (gate, up), grad_act.to(act.dtype))
-                del act, value, gate, up, grad_act
+                grad_gate, grad_up = _activation_grads(gate, up, activated, value, grad_act.to(value.dtype), plan)
+                del activated, value, gate, up, grad_act
                 _add_rows(grad_gate0, tokens, grad_gate, chunk)
                 _add_rows(grad_up0, tokens, grad_up, chunk)
                 for grad, h, B, grad_h, grad_B in ((grad_gate, gate_h, gate_B, grad_gate_h, grad_gate_B),
@@ -301,6 +301,42 @@ def _slot_activations(gate0: Tensor, up0: Tensor, gate_h: Tensor, up_h: Tensor, 
     """``act(gate_s) ⊙ up_s`` of the chunk's slots (no autograd: the function's own forward)."""
     gate, up = _slot_inputs(gate0, up0, gate_h, up_h, gate_B, up_B, chunk, plan)
     return plan.act_fn(gate).mul_(up)
+
+
+def _activation(gate: Tensor, up: Tensor, plan: _SlotPlan) -> tuple[Tensor, Tensor]:
+    """``act(gate)`` and ``a = act(gate) ⊙ up``, recomputed in backward; with autograd's graph of ``a`` where
+    the activation has no known backward kernel."""
+    if plan.act_backward is None:
+        gate.requires_grad_(), up.requires_grad_()
+        with torch.enable_grad():
+            value = plan.act_fn(gate) * up
+        return None, value
+    activated = plan.act_fn(gate)
+    return activated, activated * up
+
+
+def _activation_grads(gate: Tensor, up: Tensor, activated: Tensor | None, value: Tensor, grad: Tensor,
+                      plan: _SlotPlan) -> tuple[Tensor, Tensor]:
+    """The gradients of ``gate`` and ``up`` from the gradient of ``a = act(gate) ⊙ up``: the products and the
+    activation's backward kernel autograd would run, without a nested autograd pass per chunk (which costs about
+    as much again as the kernels at SmolLM2 width, measured on a CPU)."""
+    if plan.act_backward is None:
+        return torch.autograd.grad(value, (gate, up), grad)
+    return plan.act_backward(grad * up, gate), grad * activated
+
+
+# the SiLU modules of Llama, Qwen and Mistral FFNs: torch's, and the one transformers 5 builds for "silu"
+_SILU_MODULES = (nn.SiLU, getattr(hf_activations, "SiLUActivation", nn.SiLU))
+
+
+def activation_backward(act_module: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """``(grad of act(x), x) → grad of x`` for the activation modules whose ATen backward kernel is known (SiLU;
+    nn.GELU), else None (autograd then differentiates the activation)."""
+    if type(act_module) in _SILU_MODULES:
+        return torch.ops.aten.silu_backward
+    if type(act_module) is nn.GELU:
+        return functools.partial(torch.ops.aten.gelu_backward, approximate=act_module.approximate)
+    return None
 
 
 def _add_rows(target: Tensor, tokens: Tensor, rows: Tensor, chunk: ExpertChunk) -> None:
@@ -385,7 +421,7 @@ class MixLoraFFN(AdapterLayer):
         # the activation module's forward without its hooks: the function calls it again in backward, where hooks
         # that track modules (FlopCounterMode's) would attach to a graph that the outer backward is running
         act_fn = getattr(self.base_layer.act_fn, "forward", self.base_layer.act_fn)
-        plan = _SlotPlan(order, chunks, act_fn, dropout,
+        plan = _SlotPlan(order, chunks, act_fn, activation_backward(self.base_layer.act_fn), dropout,
                          act_dtype=torch.promote_types(gate0.dtype, x.dtype),
                          matmul_dtype=matmul_dtype(x, gate.lora_B))
         mix, z = _GroupedSlots.apply(gate0, up0, gate.scale_slots(gate.slot_down(x, order), order),
