@@ -37,6 +37,7 @@ from moelab.adapters.mixlora import (
     _GroupedSlots,
     _SlotPlan,
     activation_backward,
+    draw_keep_mask,
     from_official,
     from_official_config,
     to_official,
@@ -168,6 +169,23 @@ def test_activation_backward_kernels_equal_autograd(module):
 def test_activation_without_known_kernel_falls_back_to_autograd():
     assert activation_backward(nn.Tanh()) is None
     assert activation_backward(F.silu) is None
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.5])
+def test_slot_dropout_mask_drops_with_the_plan_s_probability(dropout):
+    # 16-bit draws: p is rounded to a multiple of 2⁻¹⁶ and 1 / (1 − p) is that probability's; the mask follows the
+    # global seed
+    _, plan = grouped_slots_case(dropout=dropout)
+    assert abs(plan.dropped_of_65536 / 2**16 - dropout) <= 2**-17
+    assert plan.keep_scale == pytest.approx(1 / (1 - plan.dropped_of_65536 / 2**16), rel=1e-12)
+    masks = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        masks.append(draw_keep_mask(plan.dropped_of_65536, out=torch.empty(1000, 999, dtype=torch.bool)))
+    assert torch.equal(*masks)
+    dropped = 1.0 - masks[0].double().mean().item()
+    assert abs(dropped - dropout) < 5 * math.sqrt(dropout * (1 - dropout) / masks[0].numel())
+    assert draw_keep_mask(0, out=torch.empty(4096, dtype=torch.bool)).all()
 
 
 def test_grouped_slots_dropout_keeps_the_expectation():

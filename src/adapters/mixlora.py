@@ -62,6 +62,9 @@ Deviations and choices, each with its flag:
 * ``target_modules=[]``: experts only, no attention LoRA (the paper's "MoE only" ablation).
 * Dropout on a LoRA input draws one mask shared by all experts (the official code draws one per expert);
   identical in eval mode, where parity is tested (no flag).
+* On the grouped path W2's expert dropout draws its mask from 16-bit random integers, so its probability is
+  rounded to a multiple of 2⁻¹⁶ (0.05 → 0.0500031) and the kept values are scaled by that probability's
+  ``1 / (1 − p)``; a float draw rounds p to 2⁻²⁴ (no flag).
 
 Not mergeable: the FFN experts are mixed by input-dependent top-k routing. The attention LoRA alone could
 be merged, the method as a whole cannot.
@@ -184,6 +187,16 @@ class _SlotPlan:
     act_dtype: torch.dtype
     matmul_dtype: torch.dtype
 
+    @property
+    def dropped_of_65536(self) -> int:
+        """The drop probability in 65536ths (at most 65535: p < 1), the resolution of :func:`draw_keep_mask`."""
+        return min(round(self.dropout * 2**16), 2**16 - 1)
+
+    @property
+    def keep_scale(self) -> float:
+        """Inverted dropout's ``1 / (1 − p)`` of the probability the mask is drawn with."""
+        return 2**16 / (2**16 - self.dropped_of_65536)
+
 
 class _GroupedSlots(torch.autograd.Function):
     """The per-slot part of the FFN on the grouped path, with the memory of the frozen FFN's own activations.
@@ -202,9 +215,9 @@ class _GroupedSlots(torch.autograd.Function):
 
     Rows enter ``mix`` (and the gradients of ``W1 x``, ``W3 x``) per expert: a token has at most one slot per
     expert, so no ``index_add_`` call adds twice to one row and the order of the sum is fixed (on CUDA repeated
-    rows would be added atomically, in any order). The dropout mask is drawn as uniform numbers compared with p,
-    which a CPU draws faster than ``bernoulli_``, and its ``1 / (1 − p)`` scales the rank-r side (z and its
-    gradient), not [S, inter] tensors.
+    rows would be added atomically, in any order). The dropout mask is drawn from 16-bit random integers
+    (:func:`draw_keep_mask`), and its ``1 / (1 − p)`` scales the rank-r side (z and its gradient), not [S, inter]
+    tensors.
     """
 
     @staticmethod
@@ -219,12 +232,12 @@ class _GroupedSlots(torch.autograd.Function):
                 rows, tokens = chunk.rows, plan.order.tokens[chunk.rows]
                 act = _slot_activations(gate0, up0, gate_h, up_h, gate_B, up_B, chunk, plan)
                 _add_rows(mix, tokens, act.to(accumulate) * weights[rows, None].to(accumulate), chunk)
-                if mask is not None:  # uniform draws against p: the mask of a Bernoulli draw, at less cost on a CPU
-                    act = act * torch.ge(torch.rand(act.shape, device=act.device), plan.dropout, out=mask[rows])
+                if mask is not None:
+                    act = act * draw_keep_mask(plan.dropped_of_65536, out=mask[rows])
                 z[rows] = segment_mm(act.to(plan.matmul_dtype), down_A[chunk.experts].to(plan.matmul_dtype).mT,
                                      chunk.counts)
         if mask is not None:
-            z.mul_(1.0 / (1.0 - plan.dropout))  # inverted dropout's scale, applied to the rank-r side
+            z.mul_(plan.keep_scale)  # inverted dropout's scale, applied to the rank-r side
         ctx.save_for_backward(gate0, up0, gate_h, up_h, weights, gate_B, up_B, down_A, mask)
         ctx.plan = plan
         return mix, z
@@ -243,7 +256,7 @@ class _GroupedSlots(torch.autograd.Function):
         grad_gate_B, grad_up_B = torch.zeros_like(gate_B, dtype=mm), torch.zeros_like(up_B, dtype=mm)
         grad_down_A = torch.zeros_like(down_A, dtype=mm)
         if grad_z is not None and mask is not None:
-            grad_z = grad_z * (1.0 / (1.0 - plan.dropout))
+            grad_z = grad_z * plan.keep_scale
         with torch.autocast(device_type=gate0.device.type, enabled=False):
             for chunk in plan.chunks:
                 rows, experts, tokens = chunk.rows, chunk.experts, plan.order.tokens[chunk.rows]
@@ -301,6 +314,16 @@ def _slot_activations(gate0: Tensor, up0: Tensor, gate_h: Tensor, up_h: Tensor, 
     """``act(gate_s) ⊙ up_s`` of the chunk's slots (no autograd: the function's own forward)."""
     gate, up = _slot_inputs(gate0, up0, gate_h, up_h, gate_B, up_B, chunk, plan)
     return plan.act_fn(gate).mul_(up)
+
+
+def draw_keep_mask(dropped_of_65536: int, out: Tensor) -> Tensor:
+    """A dropout keep mask into the bool tensor ``out``: each entry False with probability ``dropped_of_65536``
+    / 65536. Four 16-bit uniform integers come from one 64-bit draw; on a CPU this costs less than half of
+    ``torch.rand`` compared with p (3.3 against 7.7 ns per entry, measured on fresh [170, 1536] masks), and
+    ``bernoulli_`` costs as much as ``torch.rand``."""
+    bits = torch.empty(-(-out.numel() // 4), dtype=torch.int64, device=out.device).random_(-2**63, None)
+    entries = bits.view(torch.int16)[:out.numel()].view(out.shape)
+    return torch.ge(entries, dropped_of_65536 - 2**15, out=out)
 
 
 def _activation(gate: Tensor, up: Tensor, plan: _SlotPlan) -> tuple[Tensor, Tensor]:
