@@ -94,3 +94,24 @@ def test_grouped_expert_gemms_run_grouped_mm_where_it_is_fast_and_equal_the_loop
     assert len(calls) == count, "the reference ran the torch.mm loop"
     for a, b in zip(fast, loop, strict=True):  # bf16 GEMMs of another kernel: equal to bf16 rounding
         torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * b.abs().max().item())
+
+
+def test_slot_dropout_draws_its_mask_on_the_accelerator_under_bf16_autocast():
+    # W2's expert dropout on the grouped path draws 16-bit integers where its tensors live; under bf16 autocast a
+    # train step with it on gives finite gradients to every expert factor, and the kept share is 1 − p
+    from moelab.adapters.mixlora import draw_keep_mask
+
+    device = torch.device("cuda" if ACCELERATOR == "gpu" else "cpu")
+    mask = draw_keep_mask(round(0.25 * 2**16), out=torch.empty(512, 1024, dtype=torch.uint8, device=device))
+    assert mask.device.type == device.type and abs(mask.double().mean().item() - 0.75) < 0.01
+    model, _ = tiny_model()
+    adapter = inject(model, MixLoraConfig(num_experts=4, top_k=2, lora_dropout=0.25))
+    randomize_adapter(model, scale=0.1)
+    model.to(device).train()
+    batch = {key: value.to(device) for key, value in token_batch(batch=2, seq=16).items()}
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    loss.backward()
+    grads = [p.grad for p in adapter.trainable_parameters(model)]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(torch.count_nonzero(g) for g in grads)
