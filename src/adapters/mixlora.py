@@ -328,7 +328,7 @@ def draw_keep_mask(dropped_of_65536: int, out: Tensor) -> Tensor:
     return out
 
 
-def _activation(gate: Tensor, up: Tensor, plan: _SlotPlan) -> tuple[Tensor, Tensor]:
+def _activation(gate: Tensor, up: Tensor, plan: _SlotPlan) -> tuple[Tensor | None, Tensor]:
     """``act(gate)`` and ``a = act(gate) ⊙ up``, recomputed in backward; with autograd's graph of ``a`` where
     the activation has no known backward kernel."""
     if plan.act_backward is None:
