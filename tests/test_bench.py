@@ -78,7 +78,7 @@ def test_memory_floor_adds_the_variants_own_state_to_the_frozen_models_peak(tiny
     # the table's figures: ratios to LoRA r16's measured peak, the floor built on the base row's
     figures = {name: {**variants[name], "peak_memory_bytes": peak}
                for name, peak in ((BASE, 10**6), (REFERENCE, 2 * 10**6), ("mixlora", 3 * 10**6))}
-    _add_memory(figures, TrainBench(ModelShape("tiny"), memory=False), CONF, [], CPU)
+    _add_memory(figures, TrainBench(ModelShape("tiny"), memory=False), [], CPU)
     assert figures["mixlora"]["peak_memory_ratio"] == 1.5
     assert figures["mixlora"]["peak_memory_floor"] == (10**6 + held) / (2 * 10**6)
     assert figures[BASE]["peak_memory_floor"] == 0.5 <= figures[REFERENCE]["peak_memory_floor"] < 1.0

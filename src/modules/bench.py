@@ -481,8 +481,8 @@ def train_step_benchmark(conf_dir: Path, bench: TrainBench, methods: list[str], 
     base.requires_grad_(False)
     batch = make_batch(base, bench.batch_size, bench.seq_len, device)
     threads = torch.get_num_threads()
-    variants, figures = [], {}
-    for spec in train_variant_specs(conf_dir, methods):
+    variants, figures, specs = [], {}, train_variant_specs(conf_dir, methods)
+    for spec in specs:
         model, adapter = build_variant(spec, base, device)
         figures[spec.name] = {"parameters": count_parameters(model)["trainable"], **check_and_count(model, adapter,
                                                                                                        batch)}
@@ -506,7 +506,7 @@ def train_step_benchmark(conf_dir: Path, bench: TrainBench, methods: list[str], 
             if device.type == "cuda":
                 values["peak_memory_bytes"] = timed[name].peak_memory
     del variants, timed, reference
-    _add_memory(figures, bench, conf_dir, methods, device)
+    _add_memory(figures, bench, specs, device)
     return {"kind": "train_step", "shape": bench.shape.shape, "layers": base.config.num_hidden_layers,
             "vocab_size": base.config.vocab_size, "batch_size": bench.batch_size, "seq_len": bench.seq_len,
             "rounds": bench.rounds, "reference": REFERENCE,
@@ -536,11 +536,10 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _add_memory(figures: dict, bench: TrainBench, conf_dir: Path, methods: list[str], device: torch.device) -> None:
+def _add_memory(figures: dict, bench: TrainBench, specs: list[VariantSpec], device: torch.device) -> None:
     """``peak_memory_ratio`` of every variant: CUDA peaks from the timed steps, or CPU subprocess probes (one
     torch thread each, one per core at a time: a process's resident set does not depend on its neighbours)."""
     if device.type == "cpu" and bench.memory:
-        specs = train_variant_specs(conf_dir, methods)
         with ThreadPoolExecutor(max_workers=min(PROBES_AT_ONCE, os.cpu_count() or 1)) as pool:
             probes = pool.map(lambda spec: probe_in_subprocess(spec, bench.shape, bench.batch_size, bench.seq_len,
                                                                threads=1), specs)
