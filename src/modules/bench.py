@@ -16,10 +16,10 @@ something only on a GPU; on a CPU read the ratios.
   - ``flop_floor``: matmul FLOPs of one train step of the variant's maths over the reference's, counted by
     ``torch.utils.flop_counter`` (a routed method's floor is counted on its grouped top-k path, which does
     only the selected experts' work; ``flops_ratio`` is what the variant as configured executes);
-  - ``peak_memory_ratio``: on a CPU, the peak resident memory that two train steps add on top of the built
-    model, measured in a fresh subprocess per variant (``/proc`` high-water mark, reset after building; glibc's
-    mmap threshold fixed, ``PROBE_ENV``, so that it follows the live tensors); on CUDA,
-    ``torch.cuda.max_memory_allocated``;
+  - ``peak_memory_ratio``: the peak memory that two train steps, from a fresh optimizer, add to what the
+    variant holds before them (its model), after one warm-up step (:func:`added_peak_bytes`): on a CPU the
+    resident set in a fresh subprocess per variant (``/proc`` high-water mark; glibc's mmap threshold fixed,
+    ``PROBE_ENV``, so that it follows the live tensors), on CUDA the allocator's ``max_memory_allocated``;
   - ``peak_memory_floor``: a lower bound of that ratio, what the maths holds whatever the implementation: the
     ``base`` row's peak (backpropagation through the frozen model) plus the variant's optimizer state and routing
     records, over LoRA r16's peak (:func:`memory_floor`);
@@ -89,7 +89,6 @@ class Variant:
     step: Callable[[], float | None]  # returns its own timing when only part of the step counts
     parameters: dict[str, int] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
-    peak_memory: int | None = None
     optimizer: torch.optim.Optimizer | None = None
 
 
@@ -139,23 +138,19 @@ def default_adapter_values(conf_dir: Path, method: str) -> dict:
 def _timed_rounds(variants: list[Variant], rounds: int, warmup: int, device: torch.device) -> None:
     for round_index in range(warmup + rounds):
         for variant in variants:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             synchronize(device)
             started = time.perf_counter()
             own_timing = variant.step()
             synchronize(device)
             if round_index >= warmup:
                 variant.seconds.append(own_timing if own_timing is not None else time.perf_counter() - started)
-                if device.type == "cuda":
-                    variant.peak_memory = max(variant.peak_memory or 0, torch.cuda.max_memory_allocated(device))
 
 
 def _report(variants: list[Variant], reference: str, tokens_per_step: int) -> list[dict]:
     medians = {v.name: statistics.median(v.seconds) for v in variants}
     return [{"variant": v.name, "median_s": medians[v.name], "min_s": min(v.seconds),
              "ratio_to_" + reference: medians[v.name] / medians[reference],
-             "tokens_per_s": tokens_per_step / medians[v.name], "peak_memory_bytes": v.peak_memory,
+             "tokens_per_s": tokens_per_step / medians[v.name],
              "parameters": v.parameters, "steps_timed": len(v.seconds)} for v in variants]
 
 
@@ -373,13 +368,51 @@ def _process_memory(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _reset_rss_high_water() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS (proc(5))
+class ResidentPeak:
+    """The peak resident set of this process since :meth:`start`, above the resident set then (CPU)."""
+
+    def start(self) -> None:
+        self.before = _process_memory("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS (proc(5))
+
+    def added(self) -> int:
+        return _process_memory("VmHWM") - self.before
+
+
+@dataclass
+class AllocatedPeak:
+    """The CUDA caching allocator's peak of live tensors since :meth:`start`, above the live tensors then."""
+
+    device: torch.device
+
+    def start(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.before = torch.cuda.memory_allocated(self.device)
+
+    def added(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - self.before
+
+
+def added_peak_bytes(step: Callable[[], None], optimizer: torch.optim.Optimizer | None,
+                     meter: ResidentPeak | AllocatedPeak) -> int:
+    """The peak memory that two train steps add to what a variant holds before them (its model, gradients
+    released): the first step allocates the optimizer's state afresh, the second runs with it. The variant must
+    have run a step already, so that one-time costs are not counted: at Llama-2-7B width a first step pages in
+    9.5 to 13 MiB of library code on a CPU and keeps 8 MiB more that no tensor holds (measured), which a GPU's
+    allocator would not count."""
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
+    meter.start()
+    for _ in range(2):
+        step()
+    return meter.added()
 
 
 def memory_probe(request: dict) -> dict:
-    """Run in a fresh process: build the variant, reset the RSS high-water mark, two train steps; the bytes
-    the steps added to the resident set at their peak."""
+    """Run in a fresh process: build the variant, one warm-up step, then :func:`added_peak_bytes` of its
+    resident set."""
     torch.set_num_threads(request["threads"])
     shape = ModelShape(**request["shape"])
     base = build_model(shape, torch.float32, torch.device("cpu"))
@@ -388,12 +421,11 @@ def memory_probe(request: dict) -> dict:
     model, adapter = build_variant(VariantSpec(**request["spec"]), base, torch.device("cpu"))
     del base
     batch = make_batch(model, request["batch_size"], request["seq_len"], torch.device("cpu"))
-    step, _ = _train_step(model, adapter, batch)
-    before = _process_memory("VmRSS")
-    _reset_rss_high_water()
-    for _ in range(2):
-        step()
-    return {"step_peak_bytes": _process_memory("VmHWM") - before, "rss_before_bytes": before}
+    step, optimizer = _train_step(model, adapter, batch)
+    step()
+    meter = ResidentPeak()
+    peak = added_peak_bytes(step, optimizer, meter)
+    return {"step_peak_bytes": peak, "rss_before_bytes": meter.before}
 
 
 def held_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -474,7 +506,7 @@ class TrainBench:
 def train_step_benchmark(conf_dir: Path, bench: TrainBench, methods: list[str], device: torch.device,
                          dtype: torch.dtype) -> dict:
     """Every variant of :func:`train_variant_specs` on the same base and batch: checked, counted, timed in
-    interleaved rounds, and (CPU) probed for memory. Returns the per-variant figures."""
+    interleaved rounds, and probed for memory. Returns the per-variant figures."""
     started = time.perf_counter()
     base = build_model(bench.shape, dtype, device)
     base.train()
@@ -503,8 +535,9 @@ def train_step_benchmark(conf_dir: Path, bench: TrainBench, methods: list[str], 
             values.update(paired_ratios(seconds, reference.seconds), median_s=statistics.median(seconds),
                           tokens_per_s=bench.batch_size * bench.seq_len / statistics.median(seconds))
             values.update(held_state_bytes(timed[name].model, timed[name].optimizer))
-            if device.type == "cuda":
-                values["peak_memory_bytes"] = timed[name].peak_memory
+            if device.type == "cuda":  # the timed rounds warmed every variant up
+                values["peak_memory_bytes"] = added_peak_bytes(timed[name].step, timed[name].optimizer,
+                                                               AllocatedPeak(device))
     del variants, timed, reference
     _add_memory(figures, bench, specs, device)
     return {"kind": "train_step", "shape": bench.shape.shape, "layers": base.config.num_hidden_layers,
@@ -537,8 +570,8 @@ def markdown_table(result: dict) -> str:
 
 
 def _add_memory(figures: dict, bench: TrainBench, specs: list[VariantSpec], device: torch.device) -> None:
-    """``peak_memory_ratio`` of every variant: CUDA peaks from the timed steps, or CPU subprocess probes (one
-    torch thread each, one per core at a time: a process's resident set does not depend on its neighbours)."""
+    """``peak_memory_ratio`` of every variant: CUDA peaks measured after the timed rounds, or CPU subprocess probes
+    (one torch thread each, one per core at a time: a process's resident set does not depend on its neighbours)."""
     if device.type == "cpu" and bench.memory:
         with ThreadPoolExecutor(max_workers=min(PROBES_AT_ONCE, os.cpu_count() or 1)) as pool:
             probes = pool.map(lambda spec: probe_in_subprocess(spec, bench.shape, bench.batch_size, bench.seq_len,
